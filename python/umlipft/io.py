@@ -1,0 +1,148 @@
+"""File helpers shared by every stage: atomic writes and forgiving, checked structure reading."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+REF_ENERGY_KEY = "REF_energy"
+REF_FORCES_KEY = "REF_forces"
+REF_STRESS_KEY = "REF_stress"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A killed run therefore never leaves a half-written file that a rerun would trust.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes),
+                               dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 would hide results from collaborators
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_frames(path: str | Path, frames: "Sequence[Atoms]", format: str = "extxyz") -> Path:
+    """Write frames atomically (extxyz by default), keeping info and arrays."""
+    from ase.io import write
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        write(tmp, list(frames), format=format)
+    return path
+
+
+def read_frames(path: str | Path, index: str | int | slice = ":", format: str | None = None) -> "list[Atoms]":
+    """Read structures with ASE, turning ASE's many failure modes into one clear error.
+
+    Any format ASE reads works (extxyz, POSCAR, LAMMPS data with ``format='lammps-data'``, ...).
+    Energies, forces and stresses stored by a single-point calculator (plain ``energy=`` keys in
+    extxyz) are kept on ``atoms.calc``.
+    """
+    from ase.io import read
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"structure file {path} does not exist")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a structure file (extxyz, POSCAR, ...)")
+    if path.stat().st_size == 0:
+        raise InputError(f"structure file {path} is empty")
+    try:
+        frames = read(path, index=index, format=format)
+    except Exception as err:  # ASE raises many types for malformed files
+        raise InputError(
+            f"cannot read {path} as {'format ' + format if format else 'a structure file'}: {err}. "
+            "Check the file is complete (a killed writer leaves truncated files) or pass its format"
+        ) from None
+    if not isinstance(frames, list):
+        frames = [frames]
+    if not frames:
+        raise InputError(f"{path} holds no structures")
+    return frames
+
+
+def require_reference_labels(frames: "Sequence[Atoms]", path: str | Path, *, forces: bool = True,
+                             energy_key: str = REF_ENERGY_KEY, forces_key: str = REF_FORCES_KEY) -> None:
+    """Raise InputError naming the first frame that lacks reference labels."""
+    for i, atoms in enumerate(frames):
+        missing = []
+        if reference_energy(atoms, energy_key) is None:
+            missing.append(energy_key)
+        if forces and reference_forces(atoms, forces_key) is None:
+            missing.append(forces_key)
+        if missing:
+            raise InputError(
+                f"{path}: frame {i} has no {' or '.join(missing)}; label the frames first "
+                f"(umlipft label {path} --calculator ...) or name the keys your file uses"
+            )
+
+
+def reference_energy(atoms: "Atoms", key: str = REF_ENERGY_KEY) -> float | None:
+    """Reference energy from ``info[key]``, falling back to a single-point calculator's energy."""
+    if key in atoms.info:
+        return float(atoms.info[key])
+    if key == REF_ENERGY_KEY and "energy" in atoms.info:
+        return float(atoms.info["energy"])
+    if _is_single_point(atoms.calc) and "energy" in atoms.calc.results:
+        return float(atoms.calc.results["energy"])
+    return None
+
+
+def reference_forces(atoms: "Atoms", key: str = REF_FORCES_KEY):
+    """Reference forces from ``arrays[key]``, falling back to a single-point calculator's forces."""
+    if key in atoms.arrays:
+        return atoms.arrays[key]
+    if key == REF_FORCES_KEY and "forces" in atoms.arrays:
+        return atoms.arrays["forces"]
+    if _is_single_point(atoms.calc) and "forces" in atoms.calc.results:
+        return atoms.calc.results["forces"]
+    return None
+
+
+def reference_stress(atoms: "Atoms", key: str = REF_STRESS_KEY):
+    """Reference stress as a 3x3 array (eV/Å^3, ASE sign) or None."""
+    import numpy as np
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    value = atoms.info.get(key)
+    if value is None and key == REF_STRESS_KEY:
+        value = atoms.info.get("stress")
+    if value is None and _is_single_point(atoms.calc):
+        value = atoms.calc.results.get("stress")
+    if value is None:
+        return None
+    value = np.asarray(value, dtype=float)
+    if value.size == 6:
+        return voigt_6_to_full_3x3_stress(value)
+    return value.reshape(3, 3)
+
+
+def _is_single_point(calc) -> bool:
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    return isinstance(calc, SinglePointCalculator)

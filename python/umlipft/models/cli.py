@@ -1,0 +1,58 @@
+"""``umlipft export`` and ``umlipft models``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export",
+        help="export a mace-torch model for pair_style mace",
+        description="Convert a mace-torch model (a file, or a foundation name such as 'small' "
+        "installed with 'umlipft models add') into the TorchScript file pair_style mace loads.",
+    )
+    export.add_argument("model", help="mace-torch .model file or foundation name (small, medium, ...)")
+    export.add_argument("-o", "--output", help="output file (default: MODEL-lammps-DTYPE.pt)")
+    export.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    export.add_argument("--head", help="head to export from a multi-head model")
+    export.set_defaults(func=_export)
+
+    models = subparsers.add_parser("models", help="manage offline foundation models")
+    actions = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    add = actions.add_parser(
+        "add",
+        help="install a local model file under a foundation name (for nodes without internet)",
+    )
+    add.add_argument("path", help="the model file, e.g. 2023-12-10-mace-128-L0_energy_epoch-249.model")
+    add.add_argument("--as", dest="name", required=True, help="foundation name, e.g. small or medium")
+    add.set_defaults(func=_add)
+    listing = actions.add_parser("list", help="show foundation names and whether they resolve here")
+    listing.set_defaults(func=_list)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import ExportConfig, export_lammps_model
+
+    config = ExportConfig(model=args.model, output=args.output or "", dtype=args.dtype, head=args.head)
+    config.validate()
+    path = export_lammps_model(config)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from .foundation import add_foundation_model
+
+    target = add_foundation_model(args.path, args.name)
+    print(f"installed {args.path} as {args.name!r}: {target}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .foundation import FOUNDATION_NAMES, cached_path
+
+    for name in FOUNDATION_NAMES:
+        path = cached_path(name)
+        print(f"{name:14s} {'available' if path.is_file() else 'missing  '} {path}")
+    return 0
