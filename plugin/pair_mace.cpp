@@ -1,0 +1,567 @@
+/* ----------------------------------------------------------------------
+   umlipft: pair_style mace, a LAMMPS plugin running TorchScript-exported MACE models.
+   SPDX-License-Identifier: GPL-2.0-or-later
+
+   The exported module (umlipft export) takes positions, species, a directed edge list with
+   per-edge shifts, and the number of owned nodes; it returns the owned energy, the per-node
+   energies and dE/d(edge vector). Forces, the global virial and per-atom virials all follow
+   from the edge gradients, so one code path serves both graph layouts:
+
+   - owned graph (one MPI rank): nodes are the owned atoms only; a neighbour that is a ghost
+     image is replaced by its owner plus a periodic shift. This is the graph ASE builds and the
+     cheapest exact one.
+   - ghost graph (several ranks): nodes are owned atoms plus the ghosts that can influence
+     them through num_interactions message-passing layers, found by a breadth-first search
+     over the neighbour lists; ghost forces go back to their owners through reverse
+     communication (newton pair on).
+------------------------------------------------------------------------- */
+
+#include "pair_mace.h"
+
+#include "atom.h"
+#include "comm.h"
+#include "error.h"
+#include "force.h"
+#include "json.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "update.h"
+#include "utils.h"
+
+#include <torch/script.h>
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <limits>
+
+using namespace LAMMPS_NS;
+
+namespace {
+
+constexpr const char *METADATA_NAME = "umlipft.json";
+constexpr const char *FORMAT_NAME = "umlipft-mace-lammps";
+constexpr const char *EXPORT_HINT = "create one with: umlipft export MODEL.model -o MODEL-lammps.pt";
+
+const std::array<const char *, 118> ELEMENTS = {
+    "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si", "P",
+    "S",  "Cl", "Ar", "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn",
+    "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb", "Sr", "Y",  "Zr", "Nb", "Mo", "Tc", "Ru", "Rh",
+    "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I",  "Xe", "Cs", "Ba", "La", "Ce", "Pr", "Nd",
+    "Pm", "Sm", "Eu", "Gd", "Tb", "Dy", "Ho", "Er", "Tm", "Yb", "Lu", "Hf", "Ta", "W",  "Re",
+    "Os", "Ir", "Pt", "Au", "Hg", "Tl", "Pb", "Bi", "Po", "At", "Rn", "Fr", "Ra", "Ac", "Th",
+    "Pa", "U",  "Np", "Pu", "Am", "Cm", "Bk", "Cf", "Es", "Fm", "Md", "No", "Lr", "Rf", "Db",
+    "Sg", "Bh", "Hs", "Mt", "Ds", "Rg", "Cn", "Nh", "Fl", "Mc", "Lv", "Ts", "Og"};
+
+int atomic_number(const std::string &symbol)
+{
+  for (std::size_t z = 0; z < ELEMENTS.size(); ++z)
+    if (symbol == ELEMENTS[z]) return static_cast<int>(z) + 1;
+  return 0;
+}
+
+std::string element_symbol(int z)
+{
+  return (z >= 1 && z <= static_cast<int>(ELEMENTS.size())) ? ELEMENTS[z - 1] : std::to_string(z);
+}
+
+}    // namespace
+
+namespace LAMMPS_NS {
+
+class MACEModel {
+ public:
+  torch::jit::Module module;
+  torch::Dtype dtype = torch::kFloat64;
+  std::vector<int> atomic_numbers;
+  double r_max = 0.0;
+  int num_interactions = 0;
+  std::string dtype_name, head;
+};
+
+}    // namespace LAMMPS_NS
+
+/* ---------------------------------------------------------------------- */
+
+PairMACE::PairMACE(LAMMPS *lmp) :
+    Pair(lmp), r_max(0.0), num_interactions(0), requested_mode(GraphMode::AUTO),
+    active_mode(GraphMode::OWNED)
+{
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  // The virial comes from the edge gradients: fdotr would miss the periodic shifts of the
+  // owned graph, where ghost images never receive forces.
+  no_virial_fdotr_compute = 1;
+  centroidstressflag = CENTROID_NOTAVAIL;
+}
+
+PairMACE::~PairMACE()
+{
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+    memory->destroy(cutghost);
+  }
+}
+
+void PairMACE::allocate()
+{
+  allocated = 1;
+  const int n = atom->ntypes + 1;
+  memory->create(setflag, n, n, "pair:setflag");
+  memory->create(cutsq, n, n, "pair:cutsq");
+  memory->create(cutghost, n, n, "pair:cutghost");
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) setflag[i][j] = 0;
+}
+
+/* ----------------------------------------------------------------------
+   pair_style mace [graph auto|owned|ghost]
+------------------------------------------------------------------------- */
+
+void PairMACE::settings(int narg, char **arg)
+{
+  int iarg = 0;
+  while (iarg < narg) {
+    if (strcmp(arg[iarg], "graph") == 0) {
+      if (iarg + 1 >= narg)
+        error->all(FLERR, "pair_style mace: keyword 'graph' needs a value: auto, owned or ghost");
+      const std::string value = arg[iarg + 1];
+      if (value == "auto")
+        requested_mode = GraphMode::AUTO;
+      else if (value == "owned")
+        requested_mode = GraphMode::OWNED;
+      else if (value == "ghost")
+        requested_mode = GraphMode::GHOST;
+      else
+        error->all(FLERR, "pair_style mace: unknown graph mode '{}'; use auto, owned or ghost", value);
+      iarg += 2;
+    } else {
+      error->all(FLERR,
+                 "pair_style mace: unknown keyword '{}'; the syntax is 'pair_style mace "
+                 "[graph auto|owned|ghost]' and the model is given with pair_coeff",
+                 arg[iarg]);
+    }
+  }
+}
+
+/* ----------------------------------------------------------------------
+   pair_coeff * * MODEL.pt El1 El2 ... (one element or NULL per atom type)
+------------------------------------------------------------------------- */
+
+void PairMACE::coeff(int narg, char **arg)
+{
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+  if (narg < 3)
+    error->all(FLERR, "pair_coeff for pair_style mace needs: pair_coeff * * MODEL.pt El1 El2 ...");
+  if (strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR,
+               "pair_coeff for pair_style mace must start with '* *' (got '{} {}'): one "
+               "pair_coeff line maps every atom type, e.g. pair_coeff * * MODEL.pt O H",
+               arg[0], arg[1]);
+  if (narg - 3 != ntypes)
+    error->all(FLERR,
+               "pair_coeff * * {} needs one element per atom type: got {} element(s) for {} "
+               "atom type(s); list them in type order and use NULL for types handled by another "
+               "pair style under hybrid/overlay",
+               arg[2], narg - 3, ntypes);
+
+  model_file = arg[2];
+  {
+    std::ifstream probe(model_file, std::ios::binary);
+    if (!probe.good())
+      error->all(FLERR, "pair_style mace: cannot open model file '{}'; {}", model_file, EXPORT_HINT);
+  }
+
+  auto loaded = std::make_unique<MACEModel>();
+  torch::jit::ExtraFilesMap extra{{METADATA_NAME, ""}};
+  try {
+    loaded->module = torch::jit::load(model_file, torch::kCPU, extra);
+  } catch (const std::exception &err) {
+    error->all(FLERR,
+               "pair_style mace: '{}' is not a TorchScript model file ({}); {}", model_file,
+               utils::split_lines(err.what()).front(), EXPORT_HINT);
+  }
+  if (extra[METADATA_NAME].empty())
+    error->all(FLERR,
+               "pair_style mace: '{}' was not written by umlipft export (no {} inside; a file "
+               "from mace's create_lammps_model or a raw .model will not do); {}",
+               model_file, METADATA_NAME, EXPORT_HINT);
+  try {
+    const auto meta = json::parse(extra[METADATA_NAME]);
+    if (meta.value("format", std::string()) != FORMAT_NAME)
+      error->all(FLERR, "pair_style mace: '{}' is not a umlipft MACE export; {}", model_file,
+                 EXPORT_HINT);
+    loaded->r_max = meta.at("r_max").get<double>();
+    loaded->num_interactions = meta.at("num_interactions").get<int>();
+    loaded->atomic_numbers = meta.at("atomic_numbers").get<std::vector<int>>();
+    loaded->dtype_name = meta.at("dtype").get<std::string>();
+    loaded->head = meta.value("head", std::string("Default"));
+  } catch (const json::exception &err) {
+    error->all(FLERR, "pair_style mace: metadata of '{}' is incomplete ({}); {}", model_file,
+               err.what(), EXPORT_HINT);
+  }
+  if (loaded->dtype_name == "float32")
+    loaded->dtype = torch::kFloat32;
+  else if (loaded->dtype_name == "float64")
+    loaded->dtype = torch::kFloat64;
+  else
+    error->all(FLERR, "pair_style mace: '{}' has unsupported dtype '{}'; {}", model_file,
+               loaded->dtype_name, EXPORT_HINT);
+  loaded->module.eval();
+
+  type_to_species.assign(ntypes + 1, -1);
+  type_element.assign(ntypes + 1, "NULL");
+  for (int itype = 1; itype <= ntypes; ++itype) {
+    const std::string symbol = arg[2 + itype];
+    type_element[itype] = symbol;
+    if (symbol == "NULL") continue;
+    const int z = atomic_number(symbol);
+    if (z == 0)
+      error->all(FLERR,
+                 "pair_coeff: '{}' (atom type {}) is not an element symbol; use symbols such as "
+                 "H, O, Co (case matters) or NULL",
+                 symbol, itype);
+    int species = -1;
+    for (std::size_t k = 0; k < loaded->atomic_numbers.size(); ++k)
+      if (loaded->atomic_numbers[k] == z) species = static_cast<int>(k);
+    if (species < 0) {
+      std::string covered;
+      for (int zz : loaded->atomic_numbers) covered += element_symbol(zz) + " ";
+      error->all(FLERR,
+                 "pair_coeff: element {} (atom type {}) is not covered by model '{}', which "
+                 "covers: {}; use a model trained with {} or map this type to NULL and give it "
+                 "another pair style under hybrid/overlay",
+                 symbol, itype, model_file, covered, symbol);
+    }
+    type_to_species[itype] = species;
+  }
+  for (int i = 1; i <= ntypes; ++i)
+    for (int j = i; j <= ntypes; ++j)
+      setflag[i][j] = (type_to_species[i] >= 0 && type_to_species[j] >= 0) ? 1 : 0;
+
+  r_max = loaded->r_max;
+  num_interactions = loaded->num_interactions;
+  model = std::move(loaded);
+  // The profiling executor spends the first calls re-optimising the graph (seconds each);
+  // the plain executor is as fast in steady state.
+  torch::jit::setGraphExecutorOptimize(false);
+
+  if (comm->me == 0)
+    utils::logmesg(lmp,
+                   "pair_style mace: model {} ({}, r_max {} A, {} interactions, head {}, {} "
+                   "elements)\n",
+                   model_file, model->dtype_name, r_max, num_interactions, model->head,
+                   model->atomic_numbers.size());
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairMACE::init_style()
+{
+  if (!model)
+    error->all(FLERR, "pair_style mace has no model: add 'pair_coeff * * MODEL.pt El1 El2 ...'");
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR,
+               "pair_style mace requires 'units metal' (eV, Angstrom, ps); the input uses "
+               "'units {}': change the units line and convert the data file",
+               update->unit_style);
+  if (atom->tag_enable == 0)
+    error->all(FLERR, "pair_style mace requires atom IDs; remove 'atom_modify id no'");
+  if (force->pair == this) {
+    for (int itype = 1; itype <= atom->ntypes; ++itype)
+      if (type_to_species[itype] < 0)
+        error->all(FLERR,
+                   "pair_style mace: atom type {} is mapped to NULL but no other pair style "
+                   "handles it; give it an element in pair_coeff or use pair_style "
+                   "hybrid/overlay",
+                   itype);
+  }
+
+  if (requested_mode == GraphMode::OWNED && comm->nprocs > 1)
+    error->all(FLERR,
+               "pair_style mace: 'graph owned' works on one MPI rank only; this run has {} "
+               "ranks: use 'graph auto' or 'graph ghost'",
+               comm->nprocs);
+  if (requested_mode == GraphMode::AUTO)
+    active_mode = (comm->nprocs == 1) ? GraphMode::OWNED : GraphMode::GHOST;
+  else
+    active_mode = requested_mode;
+
+  int flags = NeighConst::REQ_FULL;
+  ghostneigh = 0;
+  if (active_mode == GraphMode::GHOST) {
+    if (force->newton_pair == 0)
+      error->all(FLERR,
+                 "pair_style mace with a ghost-atom graph (several MPI ranks) requires 'newton "
+                 "on' (the default), because ghost atoms receive forces; remove 'newton off'");
+    flags |= NeighConst::REQ_GHOST;
+    ghostneigh = 1;
+    // Every atom within num_interactions x r_max of an owned atom must exist as a ghost
+    // with its own neighbours; the skin covers motion between rebuilds.
+    const double shell = num_interactions * r_max + neighbor->skin;
+    if (comm->cutghostuser < shell) comm->cutghostuser = shell;
+  }
+  neighbor->add_request(this, flags);
+
+  if (comm->me == 0) {
+    if (active_mode == GraphMode::OWNED)
+      utils::logmesg(lmp, "pair_style mace: owned-atom graph with periodic shifts (1 MPI rank)\n");
+    else
+      utils::logmesg(lmp,
+                     "pair_style mace: owned + ghost graph on {} MPI rank(s), ghost shell {:.3f} A\n",
+                     comm->nprocs, comm->cutghostuser);
+  }
+}
+
+double PairMACE::init_one(int i, int j)
+{
+  if (type_to_species[i] >= 0 && type_to_species[j] >= 0) {
+    setflag[i][j] = setflag[j][i] = 1;
+  }
+  cutghost[i][j] = cutghost[j][i] = r_max;
+  return r_max;
+}
+
+/* ----------------------------------------------------------------------
+   Build nodes and edges from the neighbour list into the reused buffers.
+------------------------------------------------------------------------- */
+
+void PairMACE::build_graph()
+{
+  double **x = atom->x;
+  const int *type = atom->type;
+  const tagint *tag = atom->tag;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  const int inum = list->inum;
+  const int *ilist = list->ilist;
+  const int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+  const double cut2 = r_max * r_max;
+
+  node_to_atom.clear();
+  atom_to_node.assign(nall, -1);
+  edge_sender.clear();
+  edge_receiver.clear();
+  edge_shift.clear();
+  edge_atom_sender.clear();
+  edge_atom_receiver.clear();
+  edge_vector.clear();
+
+  for (int ii = 0; ii < inum; ++ii) {
+    const int i = ilist[ii];
+    if (type_to_species[type[i]] < 0) continue;
+    atom_to_node[i] = static_cast<int>(node_to_atom.size());
+    node_to_atom.push_back(i);
+  }
+  n_local_nodes = static_cast<int>(node_to_atom.size());
+
+  auto add_edge = [&](int receiver_atom, int sender_atom, int sender_image) {
+    const double dx = x[receiver_atom][0] - x[sender_image][0];
+    const double dy = x[receiver_atom][1] - x[sender_image][1];
+    const double dz = x[receiver_atom][2] - x[sender_image][2];
+    edge_receiver.push_back(atom_to_node[receiver_atom]);
+    edge_sender.push_back(atom_to_node[sender_atom]);
+    // vector = x[receiver] - x[sender] + shift, so shift = x[sender owner] - x[sender image]
+    edge_shift.push_back(x[sender_atom][0] - x[sender_image][0]);
+    edge_shift.push_back(x[sender_atom][1] - x[sender_image][1]);
+    edge_shift.push_back(x[sender_atom][2] - x[sender_image][2]);
+    edge_vector.push_back(dx);
+    edge_vector.push_back(dy);
+    edge_vector.push_back(dz);
+    edge_atom_receiver.push_back(receiver_atom);
+    edge_atom_sender.push_back(sender_atom);
+  };
+  auto within_cutoff = [&](int i, int j) {
+    const double dx = x[i][0] - x[j][0];
+    const double dy = x[i][1] - x[j][1];
+    const double dz = x[i][2] - x[j][2];
+    return dx * dx + dy * dy + dz * dz < cut2;
+  };
+
+  if (active_mode == GraphMode::OWNED) {
+    // Ghost images fold back onto their owners: one rank owns every atom.
+    tagint max_tag = 0;
+    for (int i = 0; i < nlocal; ++i) max_tag = std::max(max_tag, tag[i]);
+    if (static_cast<tagint>(tag_to_local.size()) <= max_tag) tag_to_local.resize(max_tag + 1);
+    for (int i = 0; i < nlocal; ++i) tag_to_local[tag[i]] = i;
+    for (int n = 0; n < n_local_nodes; ++n) {
+      const int i = node_to_atom[n];
+      const int *jlist = firstneigh[i];
+      for (int jj = 0; jj < numneigh[i]; ++jj) {
+        const int j = jlist[jj] & NEIGHMASK;
+        if (type_to_species[type[j]] < 0 || !within_cutoff(i, j)) continue;
+        const int owner = (j < nlocal) ? j : tag_to_local[tag[j]];
+        add_edge(i, owner, j);
+      }
+    }
+  } else {
+    // Breadth-first search: layer k holds atoms k hops from an owned atom. Receivers are
+    // atoms up to num_interactions-1 hops away; senders may be one hop further.
+    node_depth.assign(nall, -1);
+    for (int n = 0; n < n_local_nodes; ++n) node_depth[node_to_atom[n]] = 0;
+    std::size_t layer_begin = 0;
+    for (int depth = 0; depth < num_interactions; ++depth) {
+      const std::size_t layer_end = node_to_atom.size();
+      for (std::size_t n = layer_begin; n < layer_end; ++n) {
+        const int i = node_to_atom[n];
+        const int *jlist = firstneigh[i];
+        for (int jj = 0; jj < numneigh[i]; ++jj) {
+          const int j = jlist[jj] & NEIGHMASK;
+          if (type_to_species[type[j]] < 0 || !within_cutoff(i, j)) continue;
+          if (node_depth[j] < 0) {
+            node_depth[j] = depth + 1;
+            atom_to_node[j] = static_cast<int>(node_to_atom.size());
+            node_to_atom.push_back(j);
+          }
+          add_edge(i, j, j);
+        }
+      }
+      layer_begin = layer_end;
+    }
+  }
+
+  const std::size_t nnodes = node_to_atom.size();
+  node_positions.resize(3 * nnodes);
+  node_species.resize(nnodes);
+  for (std::size_t n = 0; n < nnodes; ++n) {
+    const int i = node_to_atom[n];
+    node_positions[3 * n + 0] = x[i][0];
+    node_positions[3 * n + 1] = x[i][1];
+    node_positions[3 * n + 2] = x[i][2];
+    node_species[n] = type_to_species[type[i]];
+  }
+  // edge_index [2,E]: senders then receivers, contiguous
+  const std::size_t nedges = edge_sender.size();
+  edge_index.resize(2 * nedges);
+  std::copy(edge_sender.begin(), edge_sender.end(), edge_index.begin());
+  std::copy(edge_receiver.begin(), edge_receiver.end(), edge_index.begin() + nedges);
+}
+
+/* ----------------------------------------------------------------------
+   Non-finite positions or model outputs stop the run on every rank with the first bad atom.
+------------------------------------------------------------------------- */
+
+void PairMACE::check_finite(const char *what, tagint bad_tag_local)
+{
+  tagint bad_tag = 0;
+  const tagint mine = bad_tag_local > 0 ? bad_tag_local : std::numeric_limits<tagint>::max();
+  MPI_Allreduce(&mine, &bad_tag, 1, MPI_LMP_TAGINT, MPI_MIN, world);
+  if (bad_tag != std::numeric_limits<tagint>::max())
+    error->all(FLERR,
+               "pair_style mace: {} at step {} (first atom ID {}); the simulation has become "
+               "unstable: check the start structure for overlapping atoms, reduce the "
+               "timestep, or use a model trained on this chemistry",
+               what, update->ntimestep, bad_tag);
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairMACE::compute(int eflag, int vflag)
+{
+  ev_init(eflag, vflag);
+
+  {
+    double **x = atom->x;
+    const tagint *tag = atom->tag;
+    tagint bad = 0;
+    for (int i = 0; i < atom->nlocal && bad == 0; ++i)
+      if (!std::isfinite(x[i][0]) || !std::isfinite(x[i][1]) || !std::isfinite(x[i][2]))
+        bad = tag[i];
+    check_finite("non-finite (NaN or infinite) atom position", bad);
+  }
+
+  build_graph();
+  const int64_t nnodes = static_cast<int64_t>(node_to_atom.size());
+  const int64_t nedges = static_cast<int64_t>(edge_sender.size());
+
+  double energy = 0.0;
+  torch::Tensor node_energy, edge_gradient;
+  if (nnodes > 0) {
+    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+    torch::Tensor positions =
+        torch::from_blob(node_positions.data(), {nnodes, 3}, f64).to(model->dtype);
+    torch::Tensor species = torch::from_blob(node_species.data(), {nnodes}, torch::kInt64);
+    torch::Tensor edges = torch::from_blob(edge_index.data(), {2, nedges}, torch::kInt64);
+    torch::Tensor shifts = torch::from_blob(edge_shift.data(), {nedges, 3}, f64).to(model->dtype);
+    std::vector<torch::jit::IValue> inputs{positions, species, edges, shifts,
+                                           static_cast<int64_t>(n_local_nodes)};
+    c10::intrusive_ptr<c10::ivalue::Tuple> out;
+    try {
+      out = model->module.forward(inputs).toTuple();
+    } catch (const std::exception &err) {
+      error->one(FLERR, "pair_style mace: the model failed at step {}: {}", update->ntimestep,
+                 utils::split_lines(err.what()).front());
+    }
+    energy = out->elements()[0].toTensor().item<double>();
+    node_energy = out->elements()[1].toTensor().to(torch::kFloat64).contiguous();
+    edge_gradient = out->elements()[2].toTensor().to(torch::kFloat64).contiguous();
+  }
+
+  {
+    tagint bad = 0;
+    if (nnodes > 0 && !std::isfinite(energy)) bad = atom->tag[node_to_atom[0]];
+    if (nedges > 0 && bad == 0) {
+      const double *g = edge_gradient.data_ptr<double>();
+      for (int64_t e = 0; e < nedges && bad == 0; ++e)
+        if (!std::isfinite(g[3 * e]) || !std::isfinite(g[3 * e + 1]) || !std::isfinite(g[3 * e + 2]))
+          bad = atom->tag[edge_atom_receiver[e]];
+    }
+    check_finite("the model returned a non-finite energy or force", bad);
+  }
+  if (nnodes == 0) return;
+
+  if (eflag_global) eng_vdwl += energy;
+  if (eflag_atom) {
+    const double *ne = node_energy.data_ptr<double>();
+    for (int n = 0; n < n_local_nodes; ++n) eatom[node_to_atom[n]] += ne[n];
+  }
+
+  double **f = atom->f;
+  const double *g = edge_gradient.data_ptr<double>();
+  const double *r = edge_vector.data();
+  for (int64_t e = 0; e < nedges; ++e) {
+    const double gx = g[3 * e], gy = g[3 * e + 1], gz = g[3 * e + 2];
+    const int recv = edge_atom_receiver[e];
+    const int send = edge_atom_sender[e];
+    // E depends on the edge vector x_recv - x_send: the receiver feels -g, the sender +g.
+    f[recv][0] -= gx;
+    f[recv][1] -= gy;
+    f[recv][2] -= gz;
+    f[send][0] += gx;
+    f[send][1] += gy;
+    f[send][2] += gz;
+    if (vflag_either) {
+      const double rx = r[3 * e], ry = r[3 * e + 1], rz = r[3 * e + 2];
+      const double v[6] = {-rx * gx, -ry * gy, -rz * gz, -rx * gy, -rx * gz, -ry * gz};
+      if (vflag_global)
+        for (int k = 0; k < 6; ++k) virial[k] += v[k];
+      if (vflag_atom)
+        for (int k = 0; k < 6; ++k) {
+          vatom[recv][k] += 0.5 * v[k];
+          vatom[send][k] += 0.5 * v[k];
+        }
+    }
+  }
+}
+
+/* ---------------------------------------------------------------------- */
+
+double PairMACE::memory_usage()
+{
+  double bytes = Pair::memory_usage();
+  bytes += sizeof(int) * (atom_to_node.capacity() + node_to_atom.capacity() +
+                          tag_to_local.capacity() + node_depth.capacity() +
+                          edge_atom_sender.capacity() + edge_atom_receiver.capacity());
+  bytes += sizeof(double) * (node_positions.capacity() + edge_shift.capacity() +
+                             edge_vector.capacity());
+  bytes += sizeof(int64_t) * (node_species.capacity() + edge_sender.capacity() +
+                              edge_receiver.capacity() + edge_index.capacity());
+  return bytes;
+}

@@ -1,0 +1,70 @@
+/* -*- c++ -*- ----------------------------------------------------------
+   umlipft: pair_style mace, a LAMMPS plugin running TorchScript-exported MACE models.
+   SPDX-License-Identifier: GPL-2.0-or-later
+------------------------------------------------------------------------- */
+
+#ifndef LMP_PAIR_MACE_H
+#define LMP_PAIR_MACE_H
+
+#include "pair.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace LAMMPS_NS {
+
+// libtorch stays out of this header: everything torch lives behind MACEModel (pimpl), so the
+// header compiles against plain LAMMPS and any libtorch (CPU or CUDA) can be swapped in.
+class MACEModel;
+
+class PairMACE : public Pair {
+ public:
+  PairMACE(class LAMMPS *);
+  ~PairMACE() override;
+
+  void compute(int, int) override;
+  void settings(int, char **) override;
+  void coeff(int, char **) override;
+  void init_style() override;
+  double init_one(int, int) override;
+  double memory_usage() override;
+
+  enum class GraphMode { AUTO, OWNED, GHOST };
+
+ protected:
+  std::unique_ptr<MACEModel> model;
+  std::string model_file;
+  double r_max;
+  int num_interactions;
+  GraphMode requested_mode;
+  GraphMode active_mode;
+
+  std::vector<int> type_to_species;    // per LAMMPS type: index into the model's elements, -1 = NULL
+  std::vector<std::string> type_element;
+
+  // Buffers reused from step to step: the graph handed to the model.
+  int n_local_nodes = 0;
+  std::vector<int> atom_to_node;       // LAMMPS atom index -> graph node, -1 if not a node
+  std::vector<int> node_to_atom;       // owned atoms first, then ghosts by hop distance
+  std::vector<int> node_depth;         // ghost graph: hops from the nearest owned atom
+  std::vector<int> tag_to_local;       // owned graph: atom ID -> owned atom index
+  std::vector<double> node_positions;
+  std::vector<int64_t> node_species;
+  std::vector<int64_t> edge_sender;
+  std::vector<int64_t> edge_receiver;
+  std::vector<int64_t> edge_index;     // [2, E]: senders then receivers
+  std::vector<double> edge_shift;
+  std::vector<double> edge_vector;     // x[receiver] - x[sender image]
+  std::vector<int> edge_atom_sender;   // atom that takes the sender-side force of each edge
+  std::vector<int> edge_atom_receiver;
+
+  void allocate();
+  void build_graph();
+  void check_finite(const char *what, tagint bad_tag_local);
+};
+
+}    // namespace LAMMPS_NS
+
+#endif

@@ -1,0 +1,99 @@
+"""Energies, forces and stresses of a mace-torch model through its ASE calculator.
+
+mace-torch's ``MACECalculator`` is the reference implementation of a model's predictions; the
+LAMMPS export is checked against it elsewhere, so evaluating with it measures the model itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    energy_eV: float
+    forces_eV_per_A: np.ndarray
+    stress_eV_per_A3: np.ndarray  # Voigt 6, ASE sign
+
+
+@contextmanager
+def _keep_default_dtype() -> Iterator[None]:
+    # MACECalculator sets torch's global default dtype; callers (a workflow running several
+    # stages in one process) must not inherit that side effect.
+    import torch
+
+    previous = torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelEvaluator:
+    """A loaded model, ready to predict frames; loading is the slow part, so load once."""
+
+    def __init__(self, model: str | Path, *, dtype: str = "float64", head: str | None = None,
+                 device: str = "cpu") -> None:
+        from ..models.export import choose_head
+        from ..models.foundation import load_mace_model, resolve_foundation_model
+
+        self.path = resolve_foundation_model(model)
+        self.dtype = dtype
+        self.device = device
+        self._model = load_mace_model(self.path, dtype=dtype)
+        _, self.head = choose_head(self._model, head)
+        self.atomic_numbers = frozenset(int(z) for z in self._model.atomic_numbers)
+        self._calc = None
+
+    def check_elements(self, frames: "Sequence[Atoms]", source: str) -> None:
+        """InputError naming the first element the model does not know."""
+        from ase.data import chemical_symbols
+
+        for i, atoms in enumerate(frames):
+            unknown = sorted(set(int(z) for z in atoms.numbers) - self.atomic_numbers)
+            if unknown:
+                names = ", ".join(chemical_symbols[z] for z in unknown)
+                raise InputError(
+                    f"{source}: frame {i} contains {names}, which model {self.path} was not trained "
+                    f"on; it covers {len(self.atomic_numbers)} elements. Use a model that covers "
+                    "every element of the frames"
+                )
+
+    def _calculator(self):
+        if self._calc is None:
+            import warnings
+
+            from mace.calculators import MACECalculator
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # mace warns about torch.load and dtype casts
+                self._calc = MACECalculator(models=self._model, device=self.device,
+                                            default_dtype=self.dtype, head=self.head)
+        return self._calc
+
+    def predict(self, frames: "Sequence[Atoms]",
+                progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
+        results: list[Prediction] = []
+        with _keep_default_dtype():
+            calc = self._calculator()
+            for i, atoms in enumerate(frames):
+                work = atoms.copy()  # never replace the caller's reference calculator
+                work.calc = calc
+                energy = float(work.get_potential_energy())
+                forces = np.array(work.get_forces(), dtype=float)
+                stress = (np.array(work.get_stress(voigt=True), dtype=float)
+                          if work.pbc.all() else np.full(6, np.nan))
+                results.append(Prediction(energy, forces, stress))
+                if progress is not None:
+                    progress(i + 1, len(frames))
+        return results
