@@ -7,3 +7,5 @@ PLUGIN_FP64_FORCE_EV_A = 1e-6
 PLUGIN_FP64_STRESS_EV_A3 = 1e-7
 # One rank against two ranks: same model, different graph partition, summation order only.
 PLUGIN_MPI_EV = 1e-8
+# float32 export against mace-torch float32: same arithmetic precision, different reduction order.
+PLUGIN_FP32_FORCE_EV_A = 1e-4
