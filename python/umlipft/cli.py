@@ -17,6 +17,8 @@ from .errors import UmlipftError
 # Order is the order of `umlipft --help`: the study's loop, then analysis and workflows.
 _STAGE_MODULES: tuple[str, ...] = (
     "umlipft.models.cli",
+    "umlipft.finetune.cli",
+    "umlipft.evaluate.cli",
 )
 
 

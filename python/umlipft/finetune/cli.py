@@ -1,0 +1,72 @@
+"""``umlipft finetune``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a MACE foundation model with mace-torch and export it for LAMMPS",
+        description="Fine-tune all weights of a foundation model (naive), or with --replay FILE "
+        "mace-torch's multi-head replay fine-tuning, then export the model for pair_style mace. "
+        "E0s default to the foundation's fitted values; isolated-atom frames in the training file "
+        "are then left out (see --e0s). Rerunning the same command resumes or does nothing.",
+    )
+    parser.add_argument("--foundation", help="foundation model: a name (small, ...) or a .model file (default small)")
+    parser.add_argument("--train", dest="train_file", help="labelled training frames (extxyz)")
+    parser.add_argument("--valid", dest="valid_file", help="labelled validation frames (default: split from --train)")
+    parser.add_argument("--replay", dest="replay_file",
+                        help="replay frames at the foundation's level of theory: enables multi-head replay fine-tuning")
+    parser.add_argument("-o", "--output-dir", help="output directory (default finetune)")
+    parser.add_argument("--config", help="YAML file with FinetuneConfig keys; flags override it")
+    parser.add_argument("--name", help="model name: OUT/NAME.model and OUT/NAME-lammps-DTYPE.pt (default finetuned)")
+    parser.add_argument("--e0s", choices=("foundation", "isolated-atoms", "estimated"),
+                        help="per-element reference energies: the foundation's (default), the training "
+                        "file's IsolatedAtom frames, or mace-torch's least-squares estimate")
+    parser.add_argument("--accept-large-start-error", action="store_true", default=None,
+                        help="train even if the starting model's energy error exceeds --max-start-error")
+    parser.add_argument("--max-start-error", dest="max_start_error_meV_per_atom", type=float,
+                        help="largest acceptable starting energy RMSE, meV/atom (default 100)")
+    parser.add_argument("--epochs", type=int, help="epochs (default 100)")
+    parser.add_argument("--batch-size", type=int, help="frames per batch (default 4)")
+    parser.add_argument("--lr", type=float, help="learning rate (default 0.01 naive, 1e-4 replay)")
+    parser.add_argument("--energy-weight", type=float)
+    parser.add_argument("--forces-weight", type=float)
+    parser.add_argument("--stress-weight", type=float)
+    parser.add_argument("--new-frames-weight", type=float, help="weight of the new frames in replay mode (default 10)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), help="training precision (default float64)")
+    parser.add_argument("--export-dtype", choices=("float32", "float64"), help="precision of the LAMMPS export (default float64)")
+    parser.add_argument("--no-export", dest="export", action="store_false", default=None)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="torch device (default cpu)")
+    parser.add_argument("--energy-key")
+    parser.add_argument("--forces-key")
+    parser.add_argument("--stress-key")
+    parser.set_defaults(func=_run)
+
+
+_KEYS = ("foundation", "train_file", "valid_file", "replay_file", "output_dir", "name", "e0s",
+         "accept_large_start_error", "max_start_error_meV_per_atom", "epochs", "batch_size", "lr",
+         "energy_weight", "forces_weight", "stress_weight", "new_frames_weight", "dtype",
+         "export_dtype", "export", "seed", "device", "energy_key", "forces_key", "stress_key")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .driver import FinetuneConfig, finetune
+
+    overrides = {key: getattr(args, key) for key in _KEYS}
+    if args.config:
+        config = FinetuneConfig.from_yaml(args.config, **overrides)
+    else:
+        config = FinetuneConfig.from_dict({k: v for k, v in overrides.items() if v is not None},
+                                          source="command line")
+    result = finetune(config, log_progress=True)
+    if result.skipped:
+        print(f"{result.output_dir} already holds this finished fine-tune; nothing to do")
+    e0 = result.e0
+    print(f"E0s: {e0['policy']} (predicted starting error {e0['chosen_start_rmse_meV_per_atom']:.1f} meV/atom; "
+          f"{e0['isolated_atom_frames_dropped']} isolated-atom frames not trained on)")
+    print(f"wrote {result.model_path}" + (f" and {result.lammps_model_path}" if result.lammps_model_path else ""))
+    return 0
