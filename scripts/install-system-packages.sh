@@ -28,7 +28,7 @@ if [ "$(id -u)" -eq 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
+    apt-get install -y -qq $PACKAGES >/dev/null
     echo "installed:$missing"
 else
     echo "missing:$missing. Run as root:"

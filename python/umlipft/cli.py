@@ -17,8 +17,13 @@ from .errors import UmlipftError
 # Order is the order of `umlipft --help`: the study's loop, then analysis and workflows.
 _STAGE_MODULES: tuple[str, ...] = (
     "umlipft.models.cli",
+    "umlipft.build.cli",
+    "umlipft.extract.cli",
+    "umlipft.label.cli",
     "umlipft.finetune.cli",
     "umlipft.evaluate.cli",
+    "umlipft.analysis.cli",
+    "umlipft.report.cli",
 )
 
 

@@ -1,0 +1,25 @@
+"""Reference labelling: ``label_frames(LabelConfig(...)) -> LabelReport`` (``umlipft label``)."""
+
+from __future__ import annotations
+
+from .calculators import (
+    cp2k_command,
+    cp2k_input_template,
+    multiplicity,
+    write_espresso_inputs,
+    write_vasp_inputs,
+)
+from .config import (
+    CALCULATORS,
+    Cp2kConfig,
+    EspressoConfig,
+    LabelConfig,
+    VaspConfig,
+    XtbConfig,
+)
+from .core import LabelReport, attempts, fingerprint, label_frames, validate_frames_for
+
+__all__ = ["CALCULATORS", "Cp2kConfig", "EspressoConfig", "LabelConfig", "LabelReport", "VaspConfig",
+           "XtbConfig", "attempts", "cp2k_command", "cp2k_input_template", "fingerprint",
+           "label_frames", "multiplicity", "validate_frames_for", "write_espresso_inputs",
+           "write_vasp_inputs"]
