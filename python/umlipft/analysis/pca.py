@@ -22,7 +22,7 @@ import numpy as np
 from ..config import DriverConfig
 from ..errors import ConfigError, InputError
 from ..io import atomic_path, atomic_write_text
-from .stats import QLimit, empirical_band, hotelling_t2_limit, jackson_mudholkar_limit, residual_moments
+from .stats import QLimit, empirical_band, hotelling_t2_limit, jackson_mudholkar_limit, quadratic_form_moments
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -89,15 +89,19 @@ class PCAGroup:
     explained_variance: np.ndarray  # (k,), ddof=1
     explained_variance_ratio: np.ndarray  # (k,)
     total_variance: float
-    theta: tuple[float, float, float]  # Σ λ^i over the discarded eigenvalues, i = 1, 2, 3
+    theta: tuple[float, float, float]  # Σ λ^i over the discarded eigenvalues (from the residuals)
     n_samples: int
 
-    def evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def residuals(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, residual vectors) of rows of x."""
         centred = x - self.mean
         scores = centred @ self.components.T
         # The residual itself, not ||r||² − ||t||²: the difference of two large numbers loses the
         # small Q of well-described atoms to cancellation.
-        residual = centred - scores @ self.components
+        return scores, centred - scores @ self.components
+
+    def evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, residual = self.residuals(x)
         q = np.einsum("ij,ij->i", residual, residual)
         t2 = np.sum(scores**2 / self.explained_variance, axis=1)
         return scores, q, t2
@@ -180,28 +184,34 @@ class DescriptorPCA:
                 continue
             x = features[rows]
             pca = PCA(n_components=k, svd_solver=svd_solver, random_state=seed).fit(x)
-            mean = pca.mean_.astype(np.float64)
-            theta = residual_moments(x - mean, pca.explained_variance_)
             total = float(np.sum(np.var(x, axis=0, ddof=1)))
-            groups[name] = PCAGroup(
-                name=name, mean=mean, components=pca.components_.astype(np.float64),
+            group = PCAGroup(
+                name=name, mean=pca.mean_.astype(np.float64), components=pca.components_.astype(np.float64),
                 explained_variance=pca.explained_variance_.astype(np.float64),
                 explained_variance_ratio=pca.explained_variance_ratio_.astype(np.float64),
-                total_variance=total, theta=theta, n_samples=int(rows.size))
+                total_variance=total, theta=(0.0, 0.0, 0.0), n_samples=int(rows.size))
+            group.theta = quadratic_form_moments(group.residuals(x)[1])
+            groups[name] = group
         if not groups:
             raise InputError("no PCA could be fitted: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         model = cls(descriptor_settings, n_components, per_element, groups, {}, skipped, meta)
-        # Training statistics per element: the empirical band (mean ± kσ) the study drew.
-        evaluation = model.evaluate(features, symbols)
+        # Per element: the empirical band (mean ± kσ) the study drew, and the moments of the
+        # element's residuals that give it its own Jackson-Mudholkar limit (also under a global PCA).
         for element in _ordered_elements(symbols):
-            mask = symbols == element
-            q, t2 = evaluation.q[mask], evaluation.t2[mask]
-            if not np.isfinite(q).any():
+            name = model.group_of(element)
+            rows = np.flatnonzero(symbols == element)
+            if name is None or rows.size < 2:
                 continue
+            group = model.groups[name]
+            scores, residual = group.residuals(features[rows])
+            q = np.einsum("ij,ij->i", residual, residual)
+            t2 = np.sum(scores**2 / group.explained_variance, axis=1)
             q_mean, q_std, _, _ = empirical_band(q, 0.0)
             t2_mean, t2_std, _, _ = empirical_band(t2, 0.0)
             model.training_stats[element] = {"q_mean": q_mean, "q_std": q_std, "t2_mean": t2_mean,
-                                             "t2_std": t2_std, "n_atoms": int(mask.sum())}
+                                             "t2_std": t2_std, "n_atoms": int(rows.size),
+                                             "theta": list(quadratic_form_moments(residual))}
+            del residual
         return model
 
     # --------------------------------------------------------------- projection
@@ -244,19 +254,17 @@ class DescriptorPCA:
 
     # ------------------------------------------------------------------- limits
     def limits(self, alpha: float = 0.01, k_sigma: float = 2.0) -> dict[str, ElementLimits]:
-        """Per element: Jackson-Mudholkar Q limit and F-based T² limit of the element's PCA group
-        (the global PCA's limit for every element when global), and the empirical band."""
+        """Per element: the Jackson-Mudholkar Q limit from the element's own training residuals,
+        the F-distribution T² limit of the PCA the element is projected with, and the empirical
+        band. Under a global PCA the T² limit is the global Gaussian's: per-element T² limits
+        need ``per_element=True``."""
         out: dict[str, ElementLimits] = {}
-        cache: dict[str, tuple[QLimit, float]] = {}
         for element, stats in self.training_stats.items():
             group = self.group_of(element)
             if group is None:
                 continue
-            if group not in cache:
-                g = self.groups[group]
-                cache[group] = (jackson_mudholkar_limit(g.theta, alpha),
-                                hotelling_t2_limit(self.n_components, g.n_samples, alpha))
-            q_limit, t2_limit = cache[group]
+            q_limit: QLimit = jackson_mudholkar_limit(stats["theta"], alpha)
+            t2_limit = hotelling_t2_limit(self.n_components, self.groups[group].n_samples, alpha)
             _, _, q_lo, q_hi = _band(stats["q_mean"], stats["q_std"], k_sigma)
             _, _, _, t2_hi = _band(stats["t2_mean"], stats["t2_std"], k_sigma)
             out[element] = ElementLimits(

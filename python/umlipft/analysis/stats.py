@@ -76,22 +76,29 @@ def empirical_band(values: np.ndarray, k_sigma: float) -> tuple[float, float, fl
     return mean, std, mean - k_sigma * std, mean + k_sigma * std
 
 
-def residual_moments(centred: np.ndarray, explained_variance: np.ndarray) -> tuple[float, float, float]:
-    """θ1..θ3 of the discarded eigenvalues without diagonalising the covariance.
+def quadratic_form_moments(residuals: np.ndarray) -> tuple[float, float, float]:
+    """θ1..θ3 for Jackson-Mudholkar from the training residuals r = (x − μ)(I − PPᵀ) of one group.
 
-    θi = tr(Cⁱ) − Σ_{j≤k} λ_jⁱ with C = XᵀX/(n−1). tr(Cⁱ) equals the trace of the same power of
-    the smaller Gram matrix XXᵀ/(n−1), so the cost is one m×m product with m = min(n, d).
+    Q = ||r||² is a quadratic form of a Gaussian r ~ N(m, S). Its cumulants are
+    κ_i = 2^(i−1) (i−1)! [tr(Sⁱ) + i mᵀS^(i−1)m], so with JM's κ1 = θ1, κ2 = 2θ2, κ3 = 8θ3:
+        θ1 = tr S + mᵀm,   θ2 = tr S² + 2 mᵀSm,   θ3 = tr S³ + 3 mᵀS²m.
+    For the atoms a PCA was fitted on m = 0 and θi = Σ_{j>k} λ_jⁱ, the textbook definition; for one
+    element under a global PCA m ≠ 0 (the element's atoms sit away from the global mean), which is
+    what makes a per-element limit of a global PCA meaningful. tr(Sⁱ) is taken on the smaller of
+    the Gram matrices (m × m with m = min(n, d)), never diagonalising.
     """
-    x = np.asarray(centred, dtype=np.float64)
-    n, d = x.shape
+    r = np.asarray(residuals, dtype=np.float64)
+    n, d = r.shape
     if n < 2:
-        raise InputError("residual moments need at least two samples")
-    gram = (x @ x.T if n <= d else x.T @ x) / (n - 1)
+        raise InputError("Q-limit moments need at least two training atoms")
+    m = r.mean(axis=0)
+    rc = r - m
+    gram = (rc @ rc.T if n <= d else rc.T @ rc) / (n - 1)
     tr1 = float(np.trace(gram))
-    tr2 = float(np.sum(gram * gram))  # symmetric: tr(G²) = ||G||_F²
-    tr3 = float(np.sum((gram @ gram) * gram))  # tr(G³) = Σ_ij (G²)_ij G_ji, G symmetric
-    lam = np.asarray(explained_variance, dtype=np.float64)
-    theta = (tr1 - float(np.sum(lam)), tr2 - float(np.sum(lam**2)), tr3 - float(np.sum(lam**3)))
-    # Rounding can leave tiny negatives when the k components capture everything.
-    scale = (abs(tr1), abs(tr2), abs(tr3))
-    return tuple(max(t, 0.0) if abs(t) > 1e-12 * s else 0.0 for t, s in zip(theta, scale))  # type: ignore[return-value]
+    tr2 = float(np.sum(gram * gram))  # tr(G²) = ||G||_F² for symmetric G
+    tr3 = float(np.sum((gram @ gram) * gram))  # tr(G³) = Σ_ij (G²)_ij G_ji
+    s_m = rc.T @ (rc @ m) / (n - 1)  # S m without forming S (d × d)
+    theta1 = tr1 + float(m @ m)
+    theta2 = tr2 + 2.0 * float(m @ s_m)
+    theta3 = tr3 + 3.0 * float(s_m @ s_m)
+    return max(theta1, 0.0), max(theta2, 0.0), max(theta3, 0.0)
