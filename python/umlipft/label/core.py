@@ -211,14 +211,27 @@ def _write_status(directory: Path, data: dict[str, Any]) -> None:
     atomic_write_text(directory / STATUS, json.dumps(data) + "\n")
 
 
+def _write_extxyz(path: Path, frames: "Sequence[Atoms]") -> Path:
+    """Atomic extxyz write by THIS rank. ASE's own write/read are 'parallel' by default: under
+    mpiexec only rank 0 writes and reads are broadcast, which would leave other ranks' frame
+    inputs empty and mismatch our own collective calls."""
+    from ase.io import write
+
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(tmp, list(frames), format="extxyz", parallel=False)
+    return path
+
+
 def _prepare_frame(directory: Path, atoms: "Atoms", index: int, fp: str, config: LabelConfig) -> None:
-    from ..io import atomic_write_text, write_frames
+    from ..io import atomic_write_text
 
     directory.mkdir(parents=True, exist_ok=True)
     frame = atoms.copy()
     frame.calc = None
     frame.info["label_index"] = index
-    write_frames(directory / INPUT, [frame])
+    _write_extxyz(directory / INPUT, [frame])
     atomic_write_text(directory / TASK, json.dumps({
         "index": index, "fingerprint": fp, "calculator": config.calculator,
         "config": config.code_config().to_dict(),
@@ -343,14 +356,12 @@ def _collect(config: LabelConfig, workdir: Path, done: Sequence[int]) -> Path | 
     """Write the labelled frames (in input order) to the output file; None if there are none."""
     from ase.io import read
 
-    from ..io import write_frames
-
     if not done:
         return None
-    out = [read(frame_dir(workdir, i) / RESULT, format="extxyz") for i in done]
+    out = [read(frame_dir(workdir, i) / RESULT, format="extxyz", parallel=False) for i in done]
     for atoms in out:
         atoms.calc = None
-    return write_frames(config.output_path(), out)
+    return _write_extxyz(config.output_path(), out)
 
 
 def attempts(workdir: str | Path, index: int) -> int:

@@ -41,7 +41,8 @@ def label_one(frame_dir: Path) -> None:
     import numpy as np
     from ase.io import read
 
-    from ..io import REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY, write_frames
+    from ..io import REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY
+    from .core import _write_extxyz
     from .calculators import cp2k_check_output, make_calculator, prepare_atoms
     from .config import CODE_CONFIGS
 
@@ -49,7 +50,7 @@ def label_one(frame_dir: Path) -> None:
     name = task["calculator"]
     cfg = CODE_CONFIGS[name].from_dict(task["config"], source=str(frame_dir / TASK))
 
-    atoms = read(frame_dir / INPUT, format="extxyz")
+    atoms = read(frame_dir / INPUT, format="extxyz", parallel=False)
     prepared = prepare_atoms(name, cfg, atoms)
     calc = make_calculator(name, cfg, prepared, frame_dir)
     prepared.calc = calc
@@ -78,7 +79,7 @@ def label_one(frame_dir: Path) -> None:
         # 9 numbers, row-major 3x3, eV/Å^3, ASE sign: the layout of the shared DFT data
         out.info[REF_STRESS_KEY] = stress.reshape(9)
     out.info["label_calculator"] = name
-    write_frames(frame_dir / RESULT, [out])
+    _write_extxyz(frame_dir / RESULT, [out])
 
 
 def main(argv: list[str]) -> int:
