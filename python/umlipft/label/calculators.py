@@ -203,7 +203,9 @@ def make_cp2k(atoms: "Atoms", cfg: Cp2kConfig, directory: Path) -> "Calculator":
     mult = multiplicity(atoms, cfg)
     return CP2K(
         command=cp2k_command(cfg),
-        label=str(directory / "cp2k"),
+        # relative to the worker's cwd (the frame directory): CP2K truncates PROJECT names
+        # longer than 80 characters and aborts, which deep work directories easily exceed
+        label="cp2k" if Path.cwd().resolve() == directory.resolve() else str(directory / "cp2k"),
         inp=cp2k_input_template(atoms, cfg),
         xc=cfg.xc,
         basis_set=cfg.basis_set,
@@ -294,9 +296,9 @@ def vasp_preflight(cfg: VaspConfig, elements: Sequence[str], *, need_command: bo
     from ase.calculators.vasp.setups import setups_defaults
 
     setups = setups_defaults.get(cfg.setups, {}) if isinstance(cfg.setups, str) else {}
-    missing = [el for el in elements
-               if not (pp / folder / f"{el}{setups.get(el, '')}" / "POTCAR").is_file()
-               and not (pp / folder / el / "POTCAR").is_file()]
+    # ASE picks the POTCAR variant from ``setups`` (e.g. Li_sv for 'recommended')
+    missing = [f"{el} ({el}{setups.get(el, '')}/POTCAR)" for el in elements
+               if not (pp / folder / f"{el}{setups.get(el, '')}" / "POTCAR").is_file()]
     if missing:
         raise InputError(f"no POTCAR for {', '.join(missing)} under {pp / folder}")
     if need_command:
@@ -385,7 +387,7 @@ def write_espresso_inputs(atoms: "Atoms", cfg: EspressoConfig, directory: str | 
     espresso_preflight(cfg, sorted(set(atoms.get_chemical_symbols())), need_command=False)
     atoms = prepare_atoms("espresso", cfg, atoms)
     calc = make_espresso(atoms, cfg, directory)
-    calc.write_inputs(atoms, properties=["energy", "forces", "stress"])
+    calc.write_inputfiles(atoms, ["energy", "forces", "stress"])
     return [directory / "espresso.pwi"]
 
 
