@@ -327,8 +327,15 @@ def write_vasp_inputs(atoms: "Atoms", cfg: VaspConfig, directory: str | Path) ->
     directory.mkdir(parents=True, exist_ok=True)
     vasp_preflight(cfg, sorted(set(atoms.get_chemical_symbols())), need_command=False)
     atoms = prepare_atoms("vasp", cfg, atoms)
-    calc = make_vasp(atoms, cfg, directory)
-    calc.write_input(atoms)
+    previous = os.environ.get("VASP_PP_PATH")
+    try:
+        calc = make_vasp(atoms, cfg, directory)
+        calc.write_input(atoms)
+    finally:  # input generation runs in the caller's process: leave its environment as it was
+        if previous is None:
+            os.environ.pop("VASP_PP_PATH", None)
+        else:
+            os.environ["VASP_PP_PATH"] = previous
     return [directory / name for name in ("INCAR", "KPOINTS", "POSCAR", "POTCAR")]
 
 
