@@ -9,3 +9,14 @@ PLUGIN_FP64_STRESS_EV_A3 = 1e-7
 PLUGIN_MPI_EV = 1e-8
 # float32 export against mace-torch float32: same arithmetic precision, different reduction order.
 PLUGIN_FP32_FORCE_EV_A = 1e-4
+# Evaluation against the reference figures for MACE-MP-0 small, fp64, on the 9 aqueous
+# Evaluations__U frames: the figures are quoted to 2 (energy, meV/atom) and 3 (force, eV/Å)
+# decimals, so agreement is to half a unit of the last quoted digit.
+EVAL_REFERENCE_ENERGY_MEV_PER_ATOM = 0.005
+EVAL_REFERENCE_FORCE_EV_A = 0.0005
+# Two models that differ only in one E0 give energies that differ by exactly n_el * dE0; fp64
+# evaluation noise is far below this (summation order only).
+EVAL_E0_SHIFT_MEV_PER_ATOM = 1e-6
+# Starting model of a fine-tune with the foundation's E0s: its energy error on the aqueous
+# frames is that of MACE-MP-0 itself (about 1-3 meV/atom); the E0 trap would make it ~3600.
+FINETUNE_MAX_START_ERROR_MEV_PER_ATOM = 10.0

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="largest acceptable starting energy RMSE, meV/atom (default 100)")
     parser.add_argument("--epochs", type=int, help="epochs (default 100)")
     parser.add_argument("--batch-size", type=int, help="frames per batch (default 4)")
-    parser.add_argument("--lr", type=float, help="learning rate (default 0.01 naive, 1e-4 replay)")
+    parser.add_argument("--lr", type=float, help="learning rate (default 1e-3 naive, 1e-4 replay)")
     parser.add_argument("--energy-weight", type=float)
     parser.add_argument("--forces-weight", type=float)
     parser.add_argument("--stress-weight", type=float)

@@ -1,0 +1,79 @@
+"""A real 1-epoch fine-tune of MACE-MP-0 small through mace-torch, exported for pair_style mace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ase.io import read
+
+from tolerances import FINETUNE_MAX_START_ERROR_MEV_PER_ATOM
+from umlipft.cli import main
+from umlipft.errors import StateError
+from umlipft.finetune import FinetuneConfig, FinetuneResult, finetune
+from umlipft.io import write_frames
+from umlipft.models import load_mace_model, read_export_metadata
+
+
+@pytest.fixture(scope="module")
+def finetuned(small_model_path: Path, aqueous_dir: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[FinetuneConfig, FinetuneResult]:
+    # Two frames of the study's own FT1 training set plus its isolated-atom frames: the E0 trap
+    # is armed, and the default must defuse it.
+    frames = read(aqueous_dir / "training_sets" / "Finetuning__Periodic__FT1__model__ft_dataset.xyz", ":")
+    regular = [a for a in frames if len(a) > 1][:2]
+    isolated = [a for a in frames if a.info.get("config_type") == "IsolatedAtom"]
+    assert len(isolated) == 6
+    tmp = tmp_path_factory.mktemp("finetune")
+    train = write_frames(tmp / "train.extxyz", regular + isolated)
+    # float32 training: a quarter of the float64 time, and the test is about the pipeline.
+    config = FinetuneConfig(train_file=str(train), foundation=str(small_model_path),
+                            output_dir=str(tmp / "out"), epochs=1, dtype="float32", e0_check_frames=2)
+    return config, finetune(config)
+
+
+@pytest.mark.slow
+def test_one_epoch_finetune_writes_model_and_export(finetuned: tuple[FinetuneConfig, FinetuneResult]) -> None:
+    config, result = finetuned
+    assert result.model_path.is_file() and result.lammps_model_path is not None
+    assert result.n_train == 2 and result.epochs == 1 and len(result.epoch_times_s) == 1
+    model = load_mace_model(result.model_path)
+    assert sorted(model.atomic_numbers.tolist()) == [1, 3, 8, 17, 27]
+    meta = read_export_metadata(result.lammps_model_path)
+    assert meta["atomic_numbers"] == [1, 3, 8, 17, 27] and meta["head"] == "Default"
+    assert meta["r_max"] == pytest.approx(6.0)
+    # E0 trap defused: the starting model mace-torch itself built and evaluated (its "Initial"
+    # validation line) has the foundation's error, not the isolated-atom shift of ~3600 meV/atom.
+    assert result.e0["policy"] == "foundation" and result.e0["isolated_atom_frames_dropped"] == 6
+    assert result.initial_valid_rmse_e_meV_per_atom is not None
+    assert result.initial_valid_rmse_e_meV_per_atom < FINETUNE_MAX_START_ERROR_MEV_PER_ATOM
+    assert result.e0["start_errors"]["isolated-atoms"]["rmse_meV_per_atom"] > 1000
+    trained_e0 = model.atomic_energies_fn.atomic_energies.detach().reshape(-1).tolist()
+    assert trained_e0[0] == pytest.approx(result.e0["foundation_e0s_eV"]["H"], abs=1e-5)
+    prepared = read(Path(config.output_dir) / "data" / "train.extxyz", ":")
+    assert all(len(a) > 1 and "REF_energy" in a.info for a in prepared)
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["seed"] == 123
+
+
+@pytest.mark.slow
+def test_rerun_of_finished_finetune_does_nothing(finetuned: tuple[FinetuneConfig, FinetuneResult],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    config, result = finetuned
+    mtime = result.model_path.stat().st_mtime_ns
+    again = finetune(config)
+    assert again.skipped and again.model_path == result.model_path
+    assert result.model_path.stat().st_mtime_ns == mtime
+    # The CLI says so too, with the same request spelled as flags.
+    rc = main(["finetune", "--foundation", config.foundation, "--train", config.train_file,
+               "-o", config.output_dir, "--epochs", "1", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "nothing to do" in out
+
+
+@pytest.mark.slow
+def test_different_request_in_same_output_is_refused(finetuned: tuple[FinetuneConfig, FinetuneResult]) -> None:
+    config, _ = finetuned
+    with pytest.raises(StateError, match="lr"):
+        finetune(config.replace(lr=5e-4))
