@@ -20,3 +20,17 @@ EVAL_E0_SHIFT_MEV_PER_ATOM = 1e-6
 # Starting model of a fine-tune with the foundation's E0s: its energy error on the aqueous
 # frames is that of MACE-MP-0 itself (about 1-3 meV/atom); the E0 trap would make it ~3600.
 FINETUNE_MAX_START_ERROR_MEV_PER_ATOM = 10.0
+# --- analysis (issue 4) ---
+# Q/T² against a direct numpy eigendecomposition: with the default (ARPACK) or full solver both
+# are the same decomposition up to rounding (1e-9 leaves room for 5,740-term sums).
+PCA_DIRECT_REL = 1e-9
+# scikit-learn's randomized solver (svd_solver="randomized"): 7 power iterations leave the trailing
+# kept components of the SOAP spectrum off by ~1e-6 relative (measured 1.5e-6). A wrong mean,
+# scaling or component changes Q or T² by more than 1e-2.
+PCA_RANDOMIZED_REL = 1e-4
+# Control-limit false-alarm rates on samples of the fitted Gaussian: JM and Liu-Tang-Zhang are
+# moment approximations, accurate to roughly 10-20 % of alpha in the tail; allowed: 25 % of alpha
+# plus 4 binomial standard deviations of the sample. A limit built from the wrong eigenvalues
+# (e.g. kept instead of discarded, or a missing mean term) misses by factors, not percents.
+CONTROL_LIMIT_REL = 0.25
+CONTROL_LIMIT_BINOMIAL_SIGMAS = 4.0

@@ -22,7 +22,8 @@ import numpy as np
 from ..config import DriverConfig
 from ..errors import ConfigError, InputError
 from ..io import atomic_path, atomic_write_text
-from .stats import QLimit, empirical_band, hotelling_t2_limit, jackson_mudholkar_limit, quadratic_form_moments
+from .stats import (QLimit, empirical_band, hotelling_t2_limit, jackson_mudholkar_limit, liu_tang_zhang_limit,
+                    quadratic_form_moments)
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -89,7 +90,7 @@ class PCAGroup:
     explained_variance: np.ndarray  # (k,), ddof=1
     explained_variance_ratio: np.ndarray  # (k,)
     total_variance: float
-    theta: tuple[float, float, float]  # Σ λ^i over the discarded eigenvalues (from the residuals)
+    theta: tuple[float, ...]  # θ1..θ4: Σ λ^i over the discarded eigenvalues (from the residuals)
     n_samples: int
 
     def residuals(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,13 +184,20 @@ class DescriptorPCA:
                                  f"{k} components; fit on more frames")
                 continue
             x = features[rows]
-            pca = PCA(n_components=k, svd_solver=svd_solver, random_state=seed).fit(x)
+            solver = svd_solver
+            if solver == "auto":
+                # ARPACK (Lanczos on the centred data) gives the top k to machine precision at the
+                # cost of a few hundred matrix-vector products; scikit-learn's own "auto" picks the
+                # randomized solver here, whose trailing components are only good to ~1e-6, and a
+                # full SVD of 10^4 atoms × 5,740 SOAP features would take minutes.
+                solver = "arpack" if k < min(x.shape) else "full"
+            pca = PCA(n_components=k, svd_solver=solver, random_state=seed).fit(x)
             total = float(np.sum(np.var(x, axis=0, ddof=1)))
             group = PCAGroup(
                 name=name, mean=pca.mean_.astype(np.float64), components=pca.components_.astype(np.float64),
                 explained_variance=pca.explained_variance_.astype(np.float64),
                 explained_variance_ratio=pca.explained_variance_ratio_.astype(np.float64),
-                total_variance=total, theta=(0.0, 0.0, 0.0), n_samples=int(rows.size))
+                total_variance=total, theta=(0.0, 0.0, 0.0, 0.0), n_samples=int(rows.size))
             group.theta = quadratic_form_moments(group.residuals(x)[1])
             groups[name] = group
         if not groups:
@@ -254,16 +262,22 @@ class DescriptorPCA:
 
     # ------------------------------------------------------------------- limits
     def limits(self, alpha: float = 0.01, k_sigma: float = 2.0) -> dict[str, ElementLimits]:
-        """Per element: the Jackson-Mudholkar Q limit from the element's own training residuals,
-        the F-distribution T² limit of the PCA the element is projected with, and the empirical
-        band. Under a global PCA the T² limit is the global Gaussian's: per-element T² limits
-        need ``per_element=True``."""
+        """Per element: a Q limit from the element's own training residuals, the F-distribution
+        T² limit of the PCA the element is projected with, and the empirical band.
+
+        The Q limit is Jackson-Mudholkar's when the element has its own PCA (``per_element``:
+        its residuals are centred, JM's setting). Under a global PCA an element's residuals have a
+        non-zero mean; its limit is then Liu-Tang-Zhang's for non-central quadratic forms, and
+        ``global_q_limit`` (JM of the whole fitted population) is the textbook single limit.
+        The T² limit of a global PCA is the global Gaussian's: per-element T² limits need
+        ``per_element=True``."""
         out: dict[str, ElementLimits] = {}
         for element, stats in self.training_stats.items():
             group = self.group_of(element)
             if group is None:
                 continue
-            q_limit: QLimit = jackson_mudholkar_limit(stats["theta"], alpha)
+            q_limit: QLimit = (jackson_mudholkar_limit(stats["theta"], alpha) if self.per_element
+                               else liu_tang_zhang_limit(stats["theta"], alpha))
             t2_limit = hotelling_t2_limit(self.n_components, self.groups[group].n_samples, alpha)
             _, _, q_lo, q_hi = _band(stats["q_mean"], stats["q_std"], k_sigma)
             _, _, _, t2_hi = _band(stats["t2_mean"], stats["t2_std"], k_sigma)
@@ -272,6 +286,12 @@ class DescriptorPCA:
                 t2_limit=t2_limit, q_mean=stats["q_mean"], q_std=stats["q_std"], q_band_low=q_lo,
                 q_band_high=q_hi, t2_mean=stats["t2_mean"], t2_std=stats["t2_std"], t2_band_high=t2_hi)
         return out
+
+    def global_q_limit(self, alpha: float = 0.01) -> QLimit:
+        """Jackson-Mudholkar limit of a global PCA over all the atoms it was fitted on."""
+        if self.per_element:
+            raise InputError("a per-element PCA has no global Q limit; use limits() per element")
+        return jackson_mudholkar_limit(self.groups[GLOBAL].theta, alpha)
 
     # --------------------------------------------------------------- reporting
     @property
