@@ -220,7 +220,15 @@ void PairMACE::coeff(int narg, char **arg)
   for (int itype = 1; itype <= ntypes; ++itype) {
     const std::string symbol = arg[2 + itype];
     type_element[itype] = symbol;
-    if (symbol == "NULL") continue;
+    if (symbol == "NULL") {
+      // Under hybrid styles force->pair is the hybrid container, and another style covers it.
+      if (force->pair == this)
+        error->all(FLERR,
+                   "pair_coeff: atom type {} is mapped to NULL but no other pair style handles "
+                   "it; give it an element or use pair_style hybrid/overlay mace ...",
+                   itype);
+      continue;
+    }
     const int z = atomic_number(symbol);
     if (z == 0)
       error->all(FLERR,
@@ -273,16 +281,6 @@ void PairMACE::init_style()
                update->unit_style);
   if (atom->tag_enable == 0)
     error->all(FLERR, "pair_style mace requires atom IDs; remove 'atom_modify id no'");
-  if (force->pair == this) {
-    for (int itype = 1; itype <= atom->ntypes; ++itype)
-      if (type_to_species[itype] < 0)
-        error->all(FLERR,
-                   "pair_style mace: atom type {} is mapped to NULL but no other pair style "
-                   "handles it; give it an element in pair_coeff or use pair_style "
-                   "hybrid/overlay",
-                   itype);
-  }
-
   if (requested_mode == GraphMode::OWNED && comm->nprocs > 1)
     error->all(FLERR,
                "pair_style mace: 'graph owned' works on one MPI rank only; this run has {} "

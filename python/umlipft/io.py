@@ -52,7 +52,8 @@ def write_frames(path: str | Path, frames: "Sequence[Atoms]", format: str = "ext
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        write(tmp, list(frames), format=format)
+        # parallel=False: under mpiexec ASE would otherwise write from rank 0 only, silently.
+        write(tmp, list(frames), format=format, parallel=False)
     return path
 
 
@@ -73,7 +74,7 @@ def read_frames(path: str | Path, index: str | int | slice = ":", format: str | 
     if path.stat().st_size == 0:
         raise InputError(f"structure file {path} is empty")
     try:
-        frames = read(path, index=index, format=format)
+        frames = read(path, index=index, format=format, parallel=False)
     except Exception as err:  # ASE raises many types for malformed files
         raise InputError(
             f"cannot read {path} as {'format ' + format if format else 'a structure file'}: {err}. "
