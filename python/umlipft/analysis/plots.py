@@ -159,12 +159,15 @@ def plot_control_chart(times: np.ndarray, values: np.ndarray, labels: Sequence[s
             ax.axhspan(bands[k][0], bands[k][1], color=line.get_color(), alpha=0.08, lw=0)
             entry["band"] = [float(bands[k][0]), float(bands[k][1])]
         data["series"][label] = entry
+    at: dict[float, list[str]] = {}
     for event in events:
         t = event.time if event.time is not None and xlabel != "frame" else float(event.frame)
-        ax.axvline(t, color="k", lw=0.8, alpha=0.6)
-        ax.annotate(event.label, (t, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
-                    va="top", ha="right")
+        at.setdefault(t, []).append(event.label)
         data["events"].append({"time": t, "label": event.label})
+    for t, labels_at in at.items():  # one line and one joined label per time, not overprinted text
+        ax.axvline(t, color="k", lw=0.8, alpha=0.6)
+        ax.annotate("; ".join(labels_at), (t, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                    fontsize=6, va="top", ha="right")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
