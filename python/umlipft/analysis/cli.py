@@ -231,7 +231,9 @@ def _coverage(args: argparse.Namespace) -> int:
     out = Path(args.output)
 
     def scores_of(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        feats = compute_features({p: read_frames(p) for p in paths}, descriptor)
+        from .frames import drop_isolated_atoms
+
+        feats = compute_features({p: drop_isolated_atoms(read_frames(p)) for p in paths}, descriptor)
         return pca.transform(feats.features, feats.symbols), feats.symbols
 
     label_a, label_b = args.labels

@@ -78,3 +78,10 @@ def check_same_atoms(reference: Sequence[str], atoms: "Atoms", frame: int, path:
             f"had {len(reference)} in another order; per-atom analysis needs the same atoms in the same "
             "order in every frame (LAMMPS: dump_modify sort id)"
         )
+
+
+def drop_isolated_atoms(frames: "Sequence[Atoms]") -> "list[Atoms]":
+    """Training sets carry isolated-atom frames (``config_type=IsolatedAtom``, one atom in a
+    vacuum box) for the E0s; they are no environment of the system and, in a descriptor PCA,
+    only add elements (C, N in the aqueous sets) the system never contains."""
+    return [a for a in frames if len(a) > 1 and a.info.get("config_type") != "IsolatedAtom"]

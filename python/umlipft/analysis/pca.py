@@ -424,7 +424,12 @@ def fit_pca_files(paths: Sequence[str | Path], config: PCAConfig,
     config.validate()
     if not paths:
         raise InputError("give at least one dataset to fit the PCA on")
-    frames_by_source = {str(p): read_frames(p, index=index) for p in paths}
+    from .frames import drop_isolated_atoms
+
+    frames_by_source = {str(p): drop_isolated_atoms(read_frames(p, index=index)) for p in paths}
+    empty = [p for p, frames in frames_by_source.items() if not frames]
+    if empty:
+        raise InputError(f"{', '.join(empty)} hold(s) only isolated-atom frames; nothing to fit on")
     every = [a for frames in frames_by_source.values() for a in frames]
     descriptor = config.make_descriptor(every)
     feats = compute_features(frames_by_source, descriptor, config.batch_frames)

@@ -131,10 +131,11 @@ def plot_coverage(panels: Mapping[str, "Coverage"]) -> tuple["Figure", dict]:
         ax.set_xlabel("PC1")
         ax.set_ylabel("PC2")
         data[name] = {"categories": cat, **summary}
+    first = next(iter(panels.values()))
     fig.legend(handles=[Patch(color="#bbbbbb", label="both"),
-                        Patch(color="#D55E00", label="A only"),
-                        Patch(color="#0072B2", label="B only")], loc="outside lower center", ncols=3,
-               frameon=False)
+                        Patch(color="#D55E00", label=f"{first.label_a} only"),
+                        Patch(color="#0072B2", label=f"{first.label_b} only")], loc="outside lower center",
+               ncols=3, frameon=False)
     return fig, data
 
 
