@@ -105,3 +105,19 @@ def test_errors_are_explained(global_pca, tmp_path, test_frame):
     frame[0].symbol = "Na"
     with pytest.raises(InputError, match="Na"):
         global_pca.descriptor().compute([frame])
+
+
+def test_fit_files_skips_isolated_atom_frames(aqueous_dir, tmp_path):
+    """The authors' training sets hold isolated atoms (H, Li, C, O, Cl, Co in vacuum boxes):
+    they are dropped, so C does not enter the SOAP species of an aqueous PCA."""
+    from umlipft.analysis.pca import PCAConfig, fit_pca_files
+    from umlipft.io import read_frames, write_frames
+
+    frames = read_frames(aqueous_dir / "training_sets" / "Finetuning__Periodic__FT1__model__ft_dataset.xyz")
+    isolated = [a for a in frames if a.info.get("config_type") == "IsolatedAtom"]
+    assert "C" in {a.get_chemical_symbols()[0] for a in isolated}
+    path = tmp_path / "set.extxyz"
+    write_frames(path, isolated + [a for a in frames if len(a) > 1][:1])
+    model, feats = fit_pca_files([path], PCAConfig(components=3))
+    assert model.descriptor_settings["species"] == ["H", "Li", "O", "Cl", "Co"]
+    assert feats.symbols.size == 170
