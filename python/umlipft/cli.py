@@ -18,6 +18,7 @@ from .errors import UmlipftError
 _STAGE_MODULES: tuple[str, ...] = (
     "umlipft.models.cli",
     "umlipft.build.cli",
+    "umlipft.md.cli",
     "umlipft.extract.cli",
     "umlipft.label.cli",
     "umlipft.finetune.cli",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from plugin_structures import cobalt_chloride_crystal, isolated_water_and_ion, triclinic_water_box
+from sample_structures import cobalt_chloride_crystal, isolated_water_and_ion, triclinic_water_box
 from tolerances import PLUGIN_FP32_FORCE_EV_A, PLUGIN_FP64_ENERGY_EV, PLUGIN_FP64_FORCE_EV_A, PLUGIN_FP64_STRESS_EV_A3
 
 from umlipft.lammps.singlepoint import lammps_single_point

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from plugin_structures import triclinic_water_box
+from sample_structures import triclinic_water_box
 
 from umlipft.lammps import open_lammps, write_lammps_data
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from plugin_structures import cobalt_chloride_crystal
+from sample_structures import cobalt_chloride_crystal
 from tolerances import PLUGIN_NVE_DRIFT_EV_PER_ATOM
 
 from umlipft.lammps import open_lammps, write_lammps_data

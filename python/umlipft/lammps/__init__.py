@@ -2,6 +2,7 @@
 
 from .session import (
     PLUGIN_FILE,
+    input_script,
     lammps_environment,
     lmp_executable,
     open_lammps,
@@ -12,6 +13,7 @@ from .data import read_lammps_dump, write_lammps_data
 
 __all__ = [
     "PLUGIN_FILE",
+    "input_script",
     "lammps_environment",
     "lmp_executable",
     "open_lammps",

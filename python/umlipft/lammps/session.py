@@ -31,6 +31,18 @@ def plugin_dir() -> str:
     return str(Path(__file__).resolve().parent)
 
 
+def input_script(ensemble: str) -> Path:
+    """The packaged copy of lammps_inputs/<ensemble>.in."""
+    from importlib import resources
+
+    from ..errors import InputError
+
+    candidate = resources.files(__package__) / "inputs" / f"{ensemble}.in"
+    if not candidate.is_file():
+        raise InputError(f"no LAMMPS input for ensemble {ensemble!r}; choose nvt or npt")
+    return Path(str(candidate))
+
+
 def require_plugin_library() -> Path:
     path = Path(plugin_dir()) / PLUGIN_FILE
     if not path.is_file():

@@ -1,0 +1,74 @@
+"""Configuration of ``umlipft md``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import DriverConfig
+from ..errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class MDConfig(DriverConfig):
+    """One MD run (or K independent replicas) of LAMMPS with pair_style mace.
+
+    ``structure`` is any file ASE reads (extxyz, POSCAR, LAMMPS data via ``.data``/``.lmp``);
+    with several replicas it may list one file per replica (different start structures).
+    ``continue_from`` is a previous run directory: its last frame is used WITH velocities and
+    box, which is how the periodic workflow continues one trajectory across model changes.
+    ``model`` is a file written by ``umlipft export``, or a mace-torch model / foundation name
+    that is exported into the run directory first.
+    """
+
+    output: str = "md-run"
+    structure: tuple[str, ...] = ()
+    continue_from: str | None = None
+    model: str = "small"
+    dtype: str = "float64"
+    elements: tuple[str, ...] = ()
+    ensemble: str = "npt"
+    temperature_K: float = 300.0
+    pressure_bar: float = 1.0
+    timestep_fs: float = 0.5
+    steps: int = 1000
+    thermo_every: int = 100
+    dump_every: int = 100
+    restart_every: int = 0
+    tdamp_fs: float = 50.0
+    pdamp_fs: float = 500.0
+    seed: int = 12345
+    replicas: int = 1
+
+    def validate(self) -> None:
+        if self.ensemble not in ("nvt", "npt"):
+            raise ConfigError(f"ensemble must be nvt or npt, got {self.ensemble!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        for key in ("steps", "thermo_every", "dump_every", "replicas"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.restart_every < 0:
+            raise ConfigError(f"restart_every must be 0 (off) or positive, got {self.restart_every}")
+        if self.restart_every and self.restart_every % self.dump_every:
+            raise ConfigError(
+                f"restart_every ({self.restart_every}) must be a multiple of dump_every "
+                f"({self.dump_every}) so that a resumed trajectory has no gap or duplicate"
+            )
+        for key in ("temperature_K", "timestep_fs", "tdamp_fs", "pdamp_fs"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.timestep_fs > 5.0:
+            raise ConfigError(f"timestep_fs = {self.timestep_fs} fs is far too long for MD with hydrogen; use 0.5-1 fs")
+        if not self.structure and not self.continue_from:
+            raise ConfigError("give a start structure (structure) or a previous run (continue_from)")
+        if self.structure and self.continue_from:
+            raise ConfigError("give either structure or continue_from, not both")
+        if len(self.structure) > 1 and len(self.structure) != self.replicas:
+            raise ConfigError(
+                f"{len(self.structure)} structures for {self.replicas} replicas: give one structure "
+                "for all replicas or one per replica"
+            )
+
+    @property
+    def timestep_ps(self) -> float:
+        return self.timestep_fs / 1000.0

@@ -1,0 +1,464 @@
+"""``umlipft md``: LAMMPS MD with pair_style mace, from the same inputs users run by hand.
+
+Each replica lives in its own directory and is restartable: with ``restart_every`` set,
+LAMMPS writes restart files; a killed run resumes from the newest one, the trajectory is cut
+back to the restart step, and ``run N upto`` stops at the same final step as an uninterrupted
+run. A finished replica is never rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..errors import ExternalProgramError, InputError, StateError
+from ..io import atomic_path, atomic_write_text, read_frames, write_frames
+from ..summary import RunSummary
+from .config import MDConfig
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+PREFIX = "md"
+TRAJECTORY = "trajectory.extxyz"
+THERMO = "thermo.csv"
+FINAL = "final.extxyz"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class ReplicaResult:
+    directory: Path
+    trajectory: Path
+    thermo: Path
+    final: Path
+    steps: int
+    simulated_ps: float
+    wall_time_s: float
+
+    @property
+    def ns_per_day(self) -> float:
+        return 0.0 if self.wall_time_s <= 0 else self.simulated_ps / 1000.0 / self.wall_time_s * 86400.0
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    run_dir: Path
+    model: Path
+    elements: tuple[str, ...]
+    starts: tuple["Atoms", ...]      # one start structure per replica
+    keep_velocities: tuple[bool, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# preparation: model, elements, start structures (all checked before any MD starts)
+
+
+def resolve_model(model: str, dtype: str, run_dir: Path) -> Path:
+    """An exported model file: the given one, or an export of a mace-torch model into run_dir."""
+    from ..models.export import ExportConfig, export_lammps_model, read_export_metadata
+    from ..models.foundation import resolve_foundation_model
+
+    path = Path(model)
+    if path.is_file() and path.suffix == ".pt":
+        read_export_metadata(path)
+        return path
+    source = resolve_foundation_model(model)
+    target = run_dir / f"{source.stem}-lammps-{dtype}.pt"
+    if not target.is_file():
+        export_lammps_model(ExportConfig(model=str(source), output=str(target), dtype=dtype))
+    return target
+
+
+def default_elements(frames: Sequence["Atoms"]) -> tuple[str, ...]:
+    from ase.data import atomic_numbers
+
+    symbols = {s for atoms in frames for s in atoms.get_chemical_symbols()}
+    return tuple(sorted(symbols, key=lambda s: atomic_numbers[s]))
+
+
+def read_start_structure(path: str | Path) -> "Atoms":
+    path = Path(path)
+    if path.suffix in (".data", ".lmp"):
+        frames = read_frames(path, index=-1, format="lammps-data")
+    else:
+        frames = read_frames(path, index=-1)
+    atoms = frames[-1]
+    if not all(atoms.pbc) or atoms.cell.volume <= 0:
+        raise InputError(
+            f"{path}: MD runs in a periodic box, but this structure has pbc={list(atoms.pbc)} "
+            f"and cell volume {atoms.cell.volume:.3g} Å^3; set a cell and pbc=True (e.g. Lattice=... in extxyz)"
+        )
+    return atoms
+
+
+def previous_final_frames(previous: Path, replicas: int) -> list["Atoms"]:
+    previous = Path(previous)
+    finals = sorted(previous.glob(f"replica-*/{FINAL}")) or [previous / FINAL]
+    if not all(p.is_file() for p in finals):
+        raise InputError(
+            f"{previous} holds no finished MD run ({FINAL} missing); finish that run first "
+            "(rerun its umlipft md command to resume it)"
+        )
+    frames = [read_frames(p, index=-1)[-1] for p in finals]
+    if len(frames) == 1:
+        return frames * replicas
+    if len(frames) != replicas:
+        raise InputError(f"{previous} has {len(frames)} replicas but this run asks for {replicas}")
+    return frames
+
+
+def prepare(config: MDConfig) -> PreparedRun:
+    from ..models.export import read_export_metadata
+    from ase.data import chemical_symbols
+
+    run_dir = Path(config.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_config_unchanged(run_dir, config)
+    if config.continue_from:
+        starts = previous_final_frames(Path(config.continue_from), config.replicas)
+        keep = [atoms.has("momenta") for atoms in starts]
+    else:
+        structures = [read_start_structure(p) for p in config.structure]
+        starts = structures * config.replicas if len(structures) == 1 else structures
+        keep = [False] * len(starts)
+    elements = tuple(config.elements) or default_elements(starts)
+    model = resolve_model(config.model, config.dtype, run_dir)
+    covered = {chemical_symbols[z] for z in read_export_metadata(model)["atomic_numbers"]}
+    missing = sorted(set(elements) - covered)
+    if missing:
+        raise InputError(
+            f"model {model} does not cover {', '.join(missing)}; fine-tune or export a model with these elements"
+        )
+    for atoms in starts:
+        extra = sorted(set(atoms.get_chemical_symbols()) - set(elements))
+        if extra:
+            raise InputError(f"the start structure contains {', '.join(extra)}, missing from elements {' '.join(elements)}")
+    return PreparedRun(run_dir, model, elements, tuple(starts), tuple(keep))
+
+
+def config_fingerprint(config: MDConfig) -> str:
+    values = config.to_dict()
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def check_config_unchanged(run_dir: Path, config: MDConfig) -> None:
+    record = run_dir / "md-config.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("fingerprint") != config_fingerprint(config):
+            changed = sorted(k for k, v in config.to_dict().items() if saved.get("config", {}).get(k) != v)
+            raise StateError(
+                f"{run_dir} holds an MD run made with other settings ({', '.join(changed)}); "
+                "rerun with the original settings to resume it, or choose a new output directory"
+            )
+    else:
+        atomic_write_text(record, json.dumps({"fingerprint": config_fingerprint(config),
+                                              "config": config.to_dict()}, indent=2))
+
+
+def replica_dir(run_dir: Path, index: int, replicas: int) -> Path:
+    return run_dir if replicas == 1 else run_dir / f"replica-{index:03d}"
+
+
+# --------------------------------------------------------------------------------------------
+# one replica
+
+
+def lammps_variables(config: MDConfig, prepared: PreparedRun, index: int, directory: Path,
+                     restart_from: Path | None) -> dict[str, str]:
+    velocities = "keep" if prepared.keep_velocities[index] else "create"
+    variables = {
+        "model": str(prepared.model.resolve()),
+        "data": str((directory / "start.data").resolve()),
+        "elements": " ".join(prepared.elements),
+        "temperature_K": repr(config.temperature_K),
+        "timestep_fs": repr(config.timestep_fs),
+        "steps": str(config.steps),
+        "thermo_every": str(config.thermo_every),
+        "dump_every": str(config.dump_every),
+        "seed": str(config.seed + index),
+        "velocities": velocities,
+        "output": str((directory / PREFIX).resolve()),
+        "tdamp_fs": repr(config.tdamp_fs),
+        "restart_every": str(config.restart_every),
+        "restart_from": str(restart_from.resolve()) if restart_from else "none",
+    }
+    if config.ensemble == "npt":
+        variables["pressure_bar"] = repr(config.pressure_bar)
+        variables["pdamp_fs"] = repr(config.pdamp_fs)
+    return variables
+
+
+def newest_restart(directory: Path) -> tuple[Path, int] | None:
+    found = []
+    for path in directory.glob(f"{PREFIX}.restart.*"):
+        suffix = path.name.rsplit(".", 1)[-1]
+        if suffix.isdigit() and path.stat().st_size > 0:
+            found.append((int(suffix), path))
+    if not found:
+        return None
+    step, path = max(found)
+    return path, step
+
+
+def truncate_dump(dump: Path, first_step_to_drop: int) -> None:
+    """Drop dump frames at or after ``first_step_to_drop`` (LAMMPS rewrites them on resume)."""
+    if not dump.is_file():
+        return
+    lines = dump.read_text().splitlines(keepends=True)
+    cut = len(lines)
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("ITEM: TIMESTEP") and int(lines[i + 1]) >= first_step_to_drop:
+            cut = i
+            break
+    with atomic_path(dump) as tmp:
+        tmp.write_text("".join(lines[:cut]))
+
+
+def lammps_log_paths(directory: Path) -> list[Path]:
+    return sorted(directory.glob("log.lammps.*"), key=lambda p: int(p.name.rsplit(".", 1)[-1]))
+
+
+def run_replica(config: MDConfig, prepared: PreparedRun, index: int, comm: Any = None,
+                progress: bool = True) -> ReplicaResult:
+    """Run (or resume, or skip if finished) replica ``index``; ``comm`` selects the in-process
+    LAMMPS module on an MPI communicator, otherwise lmp runs as a subprocess."""
+    from ..lammps import input_script, write_lammps_data
+
+    directory = replica_dir(prepared.run_dir, index, config.replicas)
+    directory.mkdir(parents=True, exist_ok=True)
+    done = _finished_result(directory, config)
+    if done is not None:
+        return done
+
+    summary = RunSummary("md", config, seed=config.seed + index)
+    resume = newest_restart(directory)
+    restart_from = None
+    if resume is not None:
+        restart_from, step = resume
+        truncate_dump(directory / f"{PREFIX}.lammpstrj", step)
+    else:
+        (directory / f"{PREFIX}.lammpstrj").unlink(missing_ok=True)
+        write_lammps_data(directory / "start.data", prepared.starts[index], prepared.elements)
+    variables = lammps_variables(config, prepared, index, directory, restart_from)
+    attempt = len(lammps_log_paths(directory))
+    log = directory / f"log.lammps.{attempt}"
+    script = input_script(config.ensemble)
+    t0 = time.perf_counter()
+    with summary.timed("lammps"):
+        if comm is None:
+            _run_subprocess(script, variables, log, directory, config, progress)
+        else:
+            _run_in_process(script, variables, log, comm)
+    wall = time.perf_counter() - t0
+    if comm is not None and comm.Get_rank() != 0:
+        return _result(directory, config, wall)
+    with summary.timed("convert"):
+        finish_outputs(directory, prepared.elements, config)
+    result = _result(directory, config, wall)
+    summary.results.update({"steps": config.steps, "simulated_ps": config.steps * config.timestep_ps,
+                            "ns_per_day": result.ns_per_day, "resumed_from": str(restart_from) if restart_from else None,
+                            "model": str(prepared.model), "elements": list(prepared.elements)})
+    summary.write(directory / SUMMARY)
+    return result
+
+
+def _result(directory: Path, config: MDConfig, wall: float) -> ReplicaResult:
+    return ReplicaResult(directory=directory, trajectory=directory / TRAJECTORY, thermo=directory / THERMO,
+                         final=directory / FINAL, steps=config.steps,
+                         simulated_ps=config.steps * config.timestep_ps, wall_time_s=wall)
+
+
+def _finished_result(directory: Path, config: MDConfig) -> ReplicaResult | None:
+    summary = directory / SUMMARY
+    if not (summary.is_file() and (directory / FINAL).is_file()):
+        return None
+    data = json.loads(summary.read_text())
+    if data.get("status") != "finished":
+        return None
+    return _result(directory, config, data.get("timings_s", {}).get("lammps", 0.0))
+
+
+THERMO_LINE = re.compile(r"^\s*(\d+)\s+[-+0-9.eE]")
+
+
+def _run_subprocess(script: Path, variables: dict[str, str], log: Path, directory: Path,
+                    config: MDConfig, progress: bool) -> None:
+    from ..lammps import lammps_environment, lmp_executable
+
+    command = [str(lmp_executable()), "-in", str(script), "-log", str(log)]
+    for name, value in variables.items():
+        command += ["-var", name, value]
+    total_ps = config.steps * config.timestep_ps
+    bar = _progress_bar(total_ps, directory.name, progress)
+    tail: list[str] = []
+    started = time.perf_counter()
+    with subprocess.Popen(command, cwd=directory, env=lammps_environment(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            tail = (tail + [line])[-40:]
+            match = THERMO_LINE.match(line)
+            if bar is not None and match:
+                done_ps = min(int(match.group(1)) * config.timestep_ps, total_ps)
+                bar.update(done_ps - bar.n)
+                elapsed = time.perf_counter() - started
+                if elapsed > 0 and done_ps > 0:
+                    bar.set_postfix_str(f"{done_ps / 1000.0 / elapsed * 86400.0:.4f} ns/day")
+        code = process.wait()
+    if bar is not None:
+        bar.close()
+    if code != 0:
+        raise ExternalProgramError(
+            f"LAMMPS failed (exit {code}) in {directory}; its last lines:\n" + "".join(tail[-15:])
+        )
+
+
+def _progress_bar(total_ps: float, name: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_ps, unit="ps", desc=f"md {name}", bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} ps [{elapsed}<{remaining}{postfix}]")
+
+
+def _run_in_process(script: Path, variables: dict[str, str], log: Path, comm: Any) -> None:
+    from ..lammps import open_lammps
+
+    cmdargs = ["-screen", "none", "-log", str(log)]
+    for name, value in variables.items():
+        cmdargs += ["-var", name, value]
+    lmp = open_lammps(cmdargs, comm=comm)
+    try:
+        lmp.file(str(script))
+    except Exception as err:
+        raise ExternalProgramError(f"LAMMPS failed: {err}") from None
+    finally:
+        lmp.close()
+
+
+# --------------------------------------------------------------------------------------------
+# outputs: extxyz trajectory with real symbols, step and time; thermo table; final frame
+
+
+def read_thermo(logs: Sequence[Path]) -> list[dict[str, float]]:
+    """Thermo rows of all attempts, later attempts replacing the steps they repeat."""
+    from lammps.formats import LogFile
+
+    rows: dict[int, dict[str, float]] = {}
+    for log in logs:
+        if not log.is_file() or log.stat().st_size == 0:
+            continue
+        try:
+            parsed = LogFile(str(log))
+        except Exception:
+            continue
+        for run in parsed.runs:
+            names = list(run)
+            if "Step" not in names:
+                continue
+            for k in range(len(run["Step"])):
+                step = int(run["Step"][k])
+                rows[step] = {name: float(run[name][k]) for name in names}
+                rows[step]["Step"] = step
+    return [rows[s] for s in sorted(rows)]
+
+
+def write_thermo_csv(rows: Sequence[dict[str, float]], path: Path) -> None:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def finish_outputs(directory: Path, elements: Sequence[str], config: MDConfig) -> None:
+    from ase.io import read
+
+    from ..lammps import read_lammps_dump
+
+    rows = read_thermo(lammps_log_paths(directory))
+    write_thermo_csv(rows, directory / THERMO)
+    energy_at = {int(r["Step"]): r["PotEng"] for r in rows if "PotEng" in r}
+    frames = read_lammps_dump(directory / f"{PREFIX}.lammpstrj")
+    for atoms in frames:
+        step = int(atoms.info.pop("timestep", 0))
+        atoms.info["step"] = step
+        atoms.info["time_ps"] = step * config.timestep_ps
+        if step in energy_at:
+            atoms.info["md_energy"] = energy_at[step]
+        atoms.calc = None
+    write_frames(directory / TRAJECTORY, frames)
+    final = read(directory / f"{PREFIX}.final.data", format="lammps-data", atom_style="atomic",
+                 units="metal", Z_of_type={k + 1: _z(s) for k, s in enumerate(elements)})
+    final.info["step"] = config.steps
+    final.info["time_ps"] = config.steps * config.timestep_ps
+    write_frames(directory / FINAL, [final])
+    for path in directory.glob(f"{PREFIX}.restart.*"):
+        path.unlink()
+
+
+def _z(symbol: str) -> int:
+    from ase.data import atomic_numbers
+
+    return atomic_numbers[symbol]
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def run_md(config: MDConfig, progress: bool = True) -> list[ReplicaResult]:
+    """Run every replica here, one after another (no MPI)."""
+    prepared = prepare(config)
+    return [run_replica(config, prepared, k, progress=progress) for k in range(config.replicas)]
+
+
+def run_md_mpi(config: MDConfig, world: Any = None) -> list[ReplicaResult]:
+    """Under ``mpiexec -n K``: split the ranks into ``replicas`` groups, each running one
+    replica through the LAMMPS Python module on its own communicator."""
+    from mpi4py import MPI
+
+    world = world or MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    if size < config.replicas or size % config.replicas:
+        raise InputError(
+            f"{size} MPI ranks cannot be split evenly into {config.replicas} replicas; "
+            f"launch with mpiexec -n {config.replicas} (or a multiple)"
+        )
+    prepared = None
+    error = None
+    if rank == 0:
+        try:
+            prepared = prepare(config)
+        except Exception as err:  # share the message with every rank, then fail everywhere
+            error = err
+    error = world.bcast(error, root=0)
+    if error is not None:
+        raise error
+    prepared = world.bcast(prepared, root=0)
+    color = rank % config.replicas
+    group = world.Split(color, rank)
+    try:
+        local = run_replica(config, prepared, color, comm=group, progress=False)
+    finally:
+        group.Free()
+    results = world.gather(local, root=0)
+    world.Barrier()
+    if rank != 0:
+        return []
+    by_index = {}
+    for result in results:
+        by_index.setdefault(result.directory, result)
+    return [by_index[replica_dir(prepared.run_dir, k, config.replicas)] for k in range(config.replicas)]
