@@ -16,6 +16,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("-o", "--output", help="output file (default: MODEL-lammps-DTYPE.pt)")
     export.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     export.add_argument("--head", help="head to export from a multi-head model")
+    export.add_argument(
+        "--elements", nargs="+", metavar="EL",
+        help="elements the simulation uses (e.g. H O Cl Co Li): export a model restricted to them "
+        "with the optimised convolution (much faster on CPU, same results to rounding)")
+    mode = export.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--reference", action="store_true",
+        help="export the plain mace-torch model with all its elements (for checking)")
+    mode.add_argument(
+        "--optimize", action="store_true",
+        help="use the optimised convolution even without --elements (all elements kept)")
     export.set_defaults(func=_export)
 
     models = subparsers.add_parser("models", help="manage offline foundation models")
@@ -34,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .export import ExportConfig, export_lammps_model
 
-    config = ExportConfig(model=args.model, output=args.output or "", dtype=args.dtype, head=args.head)
+    config = ExportConfig(model=args.model, output=args.output or "", dtype=args.dtype, head=args.head,
+                          elements=tuple(args.elements) if args.elements else None,
+                          reference=args.reference, optimize=True if args.optimize else None)
     config.validate()
     path = export_lammps_model(config)
     print(f"wrote {path}")

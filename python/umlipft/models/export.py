@@ -23,10 +23,33 @@ class ExportConfig(DriverConfig):
     output: str = ""
     dtype: str = "float64"
     head: str | None = None
+    # Elements the MD will use (symbols); given, the export is restricted to them and optimised.
+    elements: tuple[str, ...] | None = None
+    # True: the plain mace-torch model, all elements, for checking the optimised export.
+    reference: bool = False
+    # None: optimise when elements are given; True: fuse the convolution even for all elements.
+    optimize: bool | None = None
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.reference and (self.elements or self.optimize):
+            raise ConfigError("--reference exports the plain mace-torch model with all its elements; "
+                              "drop --elements/--optimize, or drop --reference")
+        if self.elements is not None:
+            from ase.data import atomic_numbers
+
+            bad = [e for e in self.elements if e not in atomic_numbers or e == "X"]
+            if bad:
+                raise ConfigError(f"not element symbols: {' '.join(bad)} (case matters: Co, Cl, ...)")
+            if not self.elements:
+                raise ConfigError("--elements needs at least one element symbol")
+
+    @property
+    def optimized(self) -> bool:
+        if self.reference:
+            return False
+        return bool(self.optimize) if self.optimize is not None else self.elements is not None
 
 
 def default_output_path(model: str | Path, dtype: str) -> Path:
@@ -57,7 +80,13 @@ def choose_head(model, head: str | None) -> tuple[int, str]:
 
 
 def export_lammps_model(config: ExportConfig) -> Path:
-    """Script the model with its LAMMPS wrapper and save it with embedded metadata."""
+    """Script the model with its LAMMPS wrapper and save it with embedded metadata.
+
+    The optimised export (elements given, or ``optimize=True``) restricts the model to the
+    elements and fuses the convolution (see :mod:`umlipft.models.fast`); before saving, it is
+    compared with the plain mace-torch model on a probe structure and refused if they differ by
+    more than rounding.
+    """
     import torch
     from e3nn.util import jit
 
@@ -65,18 +94,75 @@ def export_lammps_model(config: ExportConfig) -> Path:
     from .foundation import load_mace_model, resolve_foundation_model
     from .lammps_module import MACEEdgeGradientModel
 
+    config.validate()
     source = resolve_foundation_model(config.model)
     model = load_mace_model(source, dtype=config.dtype)
     head_index, head_name = choose_head(model, config.head)
     wrapper = MACEEdgeGradientModel(model, head_index).eval()
+    optimization: dict[str, Any] = {"optimized": False}
+    if config.optimized:
+        wrapper, optimization = _optimized_wrapper(source, model, wrapper, config, head_index)
+    metadata = build_metadata(model, config, source, head_name, __version__)
+    metadata["atomic_numbers"] = [int(z) for z in wrapper.atomic_numbers]
+    metadata.update(optimization)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e3nn and mace emit harmless scripting warnings
         scripted = jit.compile(wrapper)
-    metadata = build_metadata(model, config, source, head_name, __version__)
     output = Path(config.output) if config.output else default_output_path(config.model, config.dtype)
     with atomic_path(output) as tmp:
         torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(metadata)})
     return output
+
+
+# Largest |difference| from the plain mace-torch export allowed on the probe structure's edge
+# gradients (eV/Å) and node energies (eV): rounding only.
+CHECK_TOLERANCE = {"float64": 1e-9, "float32": 5e-5}
+
+
+def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, head_index: int):
+    import torch
+    from ase.data import atomic_numbers as symbol_to_z
+
+    from .fast import fuse_interactions, max_deviation, restrict_elements
+    from .foundation import load_mace_model
+    from .lammps_module import MACEEdgeGradientModel
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+    # Rebuild in float64 whatever the target dtype, so fp32 weights are rounded once.
+    work = load_mace_model(source, dtype="float64")
+    all_numbers = [int(z) for z in work.atomic_numbers]
+    restricted = False
+    if config.elements is not None:
+        wanted = sorted({symbol_to_z[e] for e in config.elements})
+        missing = [e for e in config.elements if symbol_to_z[e] not in all_numbers]
+        if missing:
+            raise InputError(f"element(s) {' '.join(missing)} are not covered by {source}")
+        if wanted != all_numbers:
+            try:
+                work = restrict_elements(work, wanted)
+                restricted = True
+            except InputError as err:
+                warnings.warn(f"exporting all elements: {err}")
+    fused = fuse_interactions(work)
+    work = work.to(dtype).eval()
+    wrapper = MACEEdgeGradientModel(work, head_index).eval()
+    numbers = [int(z) for z in work.atomic_numbers]
+    energy_dev, gradient_dev = max_deviation(reference_wrapper, wrapper, all_numbers, numbers,
+                                             float(model.r_max), dtype)
+    tolerance = CHECK_TOLERANCE[config.dtype]
+    if not (energy_dev <= tolerance and gradient_dev <= tolerance):
+        raise InputError(
+            f"the optimised export differs from mace-torch by {gradient_dev:.3g} eV/A (edge gradients) "
+            f"and {energy_dev:.3g} eV (node energies) on the probe structure, above {tolerance:g}; "
+            "this model is not supported by the optimised path: export it with --reference"
+        )
+    return wrapper, {
+        "optimized": True,
+        "elements_restricted": restricted,
+        "fused_interactions": fused,
+        "check_max_node_energy_dev": energy_dev,
+        "check_max_edge_gradient_dev": gradient_dev,
+    }
 
 
 def build_metadata(model, config: ExportConfig, source: Path, head: str, umlipft_version: str) -> dict[str, Any]:

@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""MD throughput of MACE-MP-0 small: the LAMMPS plugin against mace-torch's ASE calculator.
+
+One run measures, side by side and with the same thread count, on the 170-atom aqueous frame:
+
+- ``plugin_fp64`` / ``plugin_fp32``: real MD steps (fix nve, 0.5 fs) through ``lmp`` with
+  ``pair_style mace`` and the plain mace-torch export (``umlipft export --reference``), timed
+  by LAMMPS' "Loop time" of ``run N`` after a warm-up run (setup and first JIT calls excluded);
+- ``plugin_fp64_nodeepbind``: the same with ``UMLIPFT_NO_DEEPBIND=1`` (libtorch's float64
+  GEMMs bound to liblammps' reference dgemm_);
+- ``plugin_fast_fp64`` / ``plugin_fast_fp32``: the optimised export (elements restricted to
+  the structure's, fused interaction), when this umlipft has it;
+- ``ase_fp64`` / ``ase_fp32``: ASE VelocityVerlet with ``MACECalculator`` (warm steps);
+- ``bare_*``: the exported TorchScript module's forward+backward called from Python on the
+  same owned-atom graph the plugin builds (no MD, no LAMMPS).
+
+Prints ms/step, ns/day at 0.5 fs and ratios; ``--json OUT`` writes the numbers (keys
+``<path>_ms``). ``--sizes 50 500 1500`` adds a size scan (the 170-atom cell repeated; ~50 is
+a non-periodic cluster cut from it). ``uptime`` is recorded: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DEFAULT_MODEL = SHARED / "models" / "mace-mp-0-small.model"
+DEFAULT_FRAMES = SHARED / "data" / "aqueous-licl-cocl2" / "single_points" / "Evaluations__U__dft.extxyz"
+TIMESTEP_FS = 0.5
+WARMUP_STEPS = 2
+
+
+def ns_per_day(ms_per_step: float) -> float:
+    return TIMESTEP_FS * 1e-6 * (86400e3 / ms_per_step)
+
+
+def load_average() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- structures
+
+def structure(frames: Path, natoms: int | None):
+    """Frame 0 (170 atoms); larger sizes repeat the cell, ~50 is a cluster around the centre."""
+    import numpy as np
+    from ase.io import read
+
+    atoms = read(frames, 0)
+    atoms.calc = None
+    if natoms is None or natoms == len(atoms):
+        return atoms
+    if natoms > len(atoms):
+        reps = [1, 1, 1]
+        axis = 0
+        while len(atoms) * reps[0] * reps[1] * reps[2] < 0.95 * natoms:
+            reps[axis] += 1
+            axis = (axis + 1) % 3
+        return atoms.repeat(reps)
+    # Smaller: the natoms atoms nearest the cell centre (minimum image), as an isolated cluster.
+    centre = atoms.cell.sum(axis=0) / 2
+    d = atoms.get_positions() - centre
+    frac = np.linalg.solve(atoms.cell.T, d.T).T
+    frac -= np.round(frac)
+    d = frac @ atoms.cell
+    keep = np.argsort(np.linalg.norm(d, axis=1))[:natoms]
+    cluster = atoms[keep]
+    cluster.set_positions(d[keep] + 15.0)
+    cluster.set_cell([30.0 + np.ptp(d[keep][:, k]) for k in range(3)])
+    cluster.pbc = False
+    return cluster
+
+
+def element_list(atoms) -> list[str]:
+    from ase.data import atomic_numbers
+
+    return sorted(set(atoms.get_chemical_symbols()), key=lambda s: atomic_numbers[s])
+
+
+# ----------------------------------------------------------------------------- exports
+
+def export_supports_fast() -> bool:
+    import dataclasses
+
+    from umlipft.models.export import ExportConfig
+
+    return "elements" in {f.name for f in dataclasses.fields(ExportConfig)}
+
+
+def export(model: Path, dtype: str, workdir: Path, elements: list[str] | None) -> Path:
+    from umlipft.models.export import ExportConfig, export_lammps_model
+
+    tag = "fast-" + "".join(elements) if elements else "reference"
+    out = workdir / f"{model.stem}-{tag}-{dtype}.pt"
+    if out.is_file():
+        return out
+    kwargs = {"model": str(model), "output": str(out), "dtype": dtype}
+    if export_supports_fast():
+        kwargs["elements"] = tuple(elements) if elements else None
+        kwargs["reference"] = not elements
+    t0 = time.perf_counter()
+    export_lammps_model(ExportConfig(**kwargs))
+    print(f"  exported {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- timers
+
+LOOP_TIME = re.compile(r"Loop time of ([0-9.eE+-]+) on \d+ procs for (\d+) steps")
+
+
+def time_plugin(atoms, model_pt: Path, steps: int, threads: int, workdir: Path,
+                extra_env: dict[str, str] | None = None) -> float:
+    from umlipft.lammps.data import write_lammps_data
+
+    elements = element_list(atoms)
+    run_dir = Path(tempfile.mkdtemp(prefix="lmp-", dir=workdir))
+    data = write_lammps_data(run_dir / "structure.data", atoms, elements)
+    boundary = " ".join("p" if p else "f" for p in atoms.pbc)
+    script = run_dir / "in.bench"
+    script.write_text("\n".join([
+        "units metal",
+        "atom_style atomic",
+        "atom_modify map array",
+        f"boundary {boundary}",
+        f"read_data {data}",
+        "pair_style mace",
+        f"pair_coeff * * {model_pt} {' '.join(elements)}",
+        "velocity all create 300.0 4928459 mom yes rot no dist gaussian",
+        "fix integrate all nve",
+        f"timestep {TIMESTEP_FS / 1000}",
+        "thermo_style custom step temp pe etotal",
+        "thermo 1000",
+        f"run {WARMUP_STEPS}",
+        f"run {steps}",
+        "",
+    ]))
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    env.pop("UMLIPFT_NO_DEEPBIND", None)
+    env.update(extra_env or {})
+    lmp = Path(sys.executable).parent / "lmp"
+    log = run_dir / "log.lammps"
+    proc = subprocess.run([str(lmp), "-in", str(script), "-log", str(log), "-screen", "none"],
+                          cwd=run_dir, env=env, capture_output=True, text=True, check=False)
+    text = log.read_text() if log.exists() else ""
+    loops = LOOP_TIME.findall(text)
+    if proc.returncode != 0 or len(loops) < 2:
+        raise RuntimeError(f"lmp failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-2000:]}\n{text[-2000:]}")
+    seconds, nsteps = loops[-1]
+    return 1000.0 * float(seconds) / int(nsteps)
+
+
+def time_ase(atoms, model: Path, dtype: str, steps: int) -> float:
+    import numpy as np
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+    from mace.calculators import MACECalculator
+
+    calc = MACECalculator(model_paths=str(model), device="cpu", default_dtype=dtype)
+    a = atoms.copy()
+    a.calc = calc
+    MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(4928459))
+    dyn = VelocityVerlet(a, timestep=TIMESTEP_FS * units.fs)
+    dyn.run(WARMUP_STEPS)
+    t0 = time.perf_counter()
+    dyn.run(steps)
+    return 1000.0 * (time.perf_counter() - t0) / steps
+
+
+def owned_graph(atoms, r_max: float):
+    """The graph pair_style mace builds on one rank: owned atoms, periodic images as shifts."""
+    from mace.data.neighborhood import get_neighborhood
+
+    edge_index, shifts, _unit_shifts, _cell = get_neighborhood(
+        positions=atoms.get_positions(), cutoff=r_max, pbc=tuple(bool(p) for p in atoms.pbc),
+        cell=atoms.get_cell().array)
+    return edge_index, shifts
+
+
+def time_bare(atoms, model_pt: Path, steps: int) -> float:
+    import numpy as np
+    import torch
+
+    from umlipft.models.export import read_export_metadata
+
+    meta = read_export_metadata(model_pt)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[meta["dtype"]]
+    module = torch.jit.load(str(model_pt), map_location="cpu")
+    torch._C._jit_set_graph_executor_optimize(False)  # as the plugin runs it
+    z_index = {z: k for k, z in enumerate(meta["atomic_numbers"])}
+    edge_index, shifts = owned_graph(atoms, meta["r_max"])
+    positions = torch.tensor(atoms.get_positions(), dtype=dtype)
+    species = torch.tensor([z_index[int(z)] for z in atoms.numbers], dtype=torch.long)
+    edges = torch.tensor(np.ascontiguousarray(edge_index), dtype=torch.long)
+    shifts_t = torch.tensor(shifts, dtype=dtype)
+    n = len(atoms)
+    for _ in range(WARMUP_STEPS):
+        module(positions, species, edges, shifts_t, n)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        module(positions, species, edges, shifts_t, n)
+    return 1000.0 * (time.perf_counter() - t0) / steps
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--steps", type=int, default=4, help="timed MD steps per path (170 atoms)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every path")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[],
+                        help="extra system sizes for the scan (e.g. 50 500 1500), optimised "
+                        "and reference plugin paths only")
+    parser.add_argument("--repeat", type=int, default=1, help="repeat the 170-atom table; median")
+    parser.add_argument("--paths", nargs="*", help="only these paths (e.g. plugin_fast_fp32 ase_fp32)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--frames", type=Path, default=DEFAULT_FRAMES)
+    parser.add_argument("--workdir", type=Path, help="keep exports and LAMMPS runs here")
+    args = parser.parse_args(argv)
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="umlipft-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir.resolve()
+
+    atoms = structure(args.frames, None)
+    elements = element_list(atoms)
+    fast = export_supports_fast()
+    print(f"{len(atoms)} atoms ({' '.join(elements)}), {args.threads} thread(s), "
+          f"{args.steps} timed steps per path after {WARMUP_STEPS} warm-up steps")
+    print(f"load before: {load_average()}", flush=True)
+
+    exports: dict[tuple[str, bool], Path] = {}
+
+    def exported(dtype: str, optimised: bool) -> Path:
+        if (dtype, optimised) not in exports:
+            exports[(dtype, optimised)] = export(args.model, dtype, workdir,
+                                                 elements if optimised else None)
+        return exports[(dtype, optimised)]
+
+    steps = args.steps
+    paths = {
+        "plugin_fp64": lambda: time_plugin(atoms, exported("float64", False), steps, args.threads, workdir),
+        "plugin_fp32": lambda: time_plugin(atoms, exported("float32", False), steps, args.threads, workdir),
+        "plugin_fp64_nodeepbind": lambda: time_plugin(atoms, exported("float64", False), steps, args.threads,
+                                                      workdir, {"UMLIPFT_NO_DEEPBIND": "1"}),
+        "ase_fp64": lambda: time_ase(atoms, args.model, "float64", steps),
+        "ase_fp32": lambda: time_ase(atoms, args.model, "float32", steps),
+        "bare_fp64": lambda: time_bare(atoms, exported("float64", False), steps),
+        "bare_fp32": lambda: time_bare(atoms, exported("float32", False), steps),
+    }
+    if fast:
+        paths.update({
+            "plugin_fast_fp64": lambda: time_plugin(atoms, exported("float64", True), steps, args.threads, workdir),
+            "plugin_fast_fp32": lambda: time_plugin(atoms, exported("float32", True), steps, args.threads, workdir),
+            "bare_fast_fp64": lambda: time_bare(atoms, exported("float64", True), steps),
+            "bare_fast_fp32": lambda: time_bare(atoms, exported("float32", True), steps),
+        })
+    if args.paths:
+        unknown = set(args.paths) - set(paths)
+        if unknown:
+            parser.error(f"unknown paths {sorted(unknown)}; known: {sorted(paths)}")
+        paths = {k: v for k, v in paths.items() if k in args.paths}
+
+    samples: dict[str, list[float]] = {k: [] for k in paths}
+    for rep in range(args.repeat):
+        for name, timer in paths.items():
+            ms = timer()
+            samples[name].append(ms)
+            print(f"  [{rep + 1}/{args.repeat}] {name:24s} {ms:10.1f} ms/step", flush=True)
+    results: dict[str, object] = {f"{k}_ms": statistics.median(v) for k, v in samples.items()}
+
+    print_table(results)
+
+    scan: dict[str, dict[str, float]] = {}
+    for natoms in args.sizes:
+        system = structure(args.frames, natoms)
+        n_steps = max(2, round(args.steps * 170 / len(system)))
+        row: dict[str, float] = {"atoms": len(system), "steps": n_steps}
+        which = [("plugin_fp32", False, "float32"), ("plugin_fp64", False, "float64")]
+        if fast:
+            which = [("plugin_fast_fp32", True, "float32"), ("plugin_fast_fp64", True, "float64")] + which
+        for name, optimised, dtype in which:
+            if args.paths and name not in args.paths:
+                continue
+            ms = time_plugin(system, exported(dtype, optimised), n_steps, args.threads, workdir)
+            row[f"{name}_ms"] = ms
+            print(f"  size {len(system):5d} ({'pbc' if system.pbc.any() else 'cluster'}) "
+                  f"{name:18s} {ms:10.1f} ms/step ({n_steps} steps)", flush=True)
+        scan[str(len(system))] = row
+    if scan:
+        print_scan(scan)
+        results["size_scan"] = scan
+
+    results.update({
+        "samples_ms": samples,
+        "atoms": len(atoms),
+        "threads": args.threads,
+        "steps": args.steps,
+        "timestep_fs": TIMESTEP_FS,
+        "load_after": load_average(),
+        "torch_version": torch.__version__,
+    })
+    print(f"load after: {results['load_after']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def print_table(results: dict[str, object]) -> None:
+    print()
+    print(f"{'path':26s} {'ms/step':>10s} {'ns/day':>9s} {'vs ASE same dtype':>18s} {'plugin/bare':>12s}")
+    for key, ms in results.items():
+        if not key.endswith("_ms"):
+            continue
+        name = key[:-3]
+        dtype = "fp32" if "fp32" in name else "fp64"
+        ase = results.get(f"ase_{dtype}_ms")
+        speedup = f"{ase / ms:17.2f}x" if ase and not name.startswith("ase_") else f"{'':18s}"
+        bare_key = name.replace("plugin_", "bare_").replace("_nodeepbind", "") + "_ms"
+        ratio = ""
+        if name.startswith("plugin_") and bare_key in results:
+            ratio = f"{ms / results[bare_key]:12.2f}"
+        print(f"{name:26s} {ms:10.1f} {ns_per_day(ms):9.4f} {speedup} {ratio}")
+    print()
+
+
+def print_scan(scan: dict[str, dict[str, float]]) -> None:
+    names = sorted({k for row in scan.values() for k in row if k.endswith("_ms")})
+    print(f"{'atoms':>6s} " + " ".join(f"{n[:-3]:>18s}" for n in names) + "   (ms/step; us/atom/step)")
+    for row in scan.values():
+        cells = []
+        for n in names:
+            ms = row.get(n)
+            cells.append(f"{ms:9.1f} ({1000 * ms / row['atoms']:5.0f})" if ms else f"{'-':>18s}")
+        print(f"{int(row['atoms']):6d} " + " ".join(cells))
+    print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Faster exports of mace-torch models for ``pair_style mace``, exact to rounding.
+
+Two rewrites of a loaded mace-torch model, both checked numerically against the original at
+export time (:func:`max_deviation`):
+
+1. :func:`restrict_elements` rebuilds the model for a subset of its elements with mace-torch's
+   own fine-tuning machinery (``extract_config_mace_model`` + ``load_foundations_elements``,
+   the path ``--foundation_filter_elements`` takes). The symmetric contraction, skip tensor
+   product and node embedding of MACE-MP-0 are contracted against the one-hot element vector;
+   with 5 columns instead of 89 that work almost vanishes. Only the weight columns of absent
+   elements are dropped (plus e3nn's fan-in normalisation, which mace-torch compensates), so
+   every number the model computes for the kept elements is the same up to rounding.
+
+2. :func:`fuse_interactions` replaces, in every interaction whose node features entering the
+   convolution are scalars only (every layer of MACE-MP-0 small, the first layer of any MACE),
+   e3nn's per-edge tensor product followed by ``scatter_sum`` with :class:`FusedScalarConv`:
+   edges are laid out per receiving atom (padded to the largest neighbour count) and the sum
+   over neighbours becomes one batched matrix product. The edges x channels x (lmax+1)^2
+   message tensor that mace-torch materialises (and its gradient) never exists; the arithmetic
+   is the same sums in a different order. It plugs into mace-torch's ``conv_fusion`` hook, so
+   the interaction block code itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Sequence
+
+import torch
+from e3nn.util.jit import compile_mode
+
+from ..errors import InputError
+
+
+# ----------------------------------------------------------------------------- elements
+
+def restrict_elements(model: torch.nn.Module, atomic_numbers: Sequence[int]) -> torch.nn.Module:
+    """A copy of ``model`` covering only ``atomic_numbers`` (sorted), same dtype, eval mode."""
+    import numpy as np
+    from mace.tools.finetuning_utils import load_foundations_elements
+    from mace.tools.scripts_utils import extract_config_mace_model
+    from mace.tools.utils import AtomicNumberTable
+
+    zs = sorted({int(z) for z in atomic_numbers})
+    have = [int(z) for z in model.atomic_numbers]
+    missing = [z for z in zs if z not in have]
+    if missing:
+        from ase.data import chemical_symbols
+
+        raise InputError(
+            f"element(s) {' '.join(chemical_symbols[z] for z in missing)} are not covered by the "
+            f"model, which covers: {' '.join(chemical_symbols[z] for z in have)}"
+        )
+    if zs == have:
+        return model
+    config = extract_config_mace_model(model)
+    if "error" in config:
+        raise InputError(f"cannot restrict the elements of a {type(model).__name__}: {config['error']}; "
+                         "export it with --reference")
+    dtype = next(model.parameters()).dtype
+    index = [have.index(z) for z in zs]
+    config["atomic_numbers"] = zs
+    config["num_elements"] = len(zs)
+    config["atomic_energies"] = np.asarray(config["atomic_energies"])[..., index]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        subset = type(model)(**config)
+        # Scale and shift come from the config already; readouts are copied below as they are,
+        # whatever the number of heads (load_foundations_elements assumes a one-head source).
+        load_foundations_elements(subset, model, AtomicNumberTable(zs), load_readout=False,
+                                  use_shift=False, use_scale=False,
+                                  max_L=config["hidden_irreps"].lmax, default_dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    target = subset.state_dict()
+    for name, value in model.state_dict().items():
+        if name.startswith("readouts.") and name in target and target[name].shape == value.shape:
+            target[name].copy_(value)
+    for attr in ("heads",):
+        if hasattr(model, attr):
+            setattr(subset, attr, copy.deepcopy(getattr(model, attr)))
+    return subset.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------- convolution
+
+@compile_mode("script")
+class FusedScalarConv(torch.nn.Module):
+    """conv_tp + scatter_sum of an interaction with scalar node features, as batched matmuls.
+
+    Called through mace-torch's conv-fusion hook as ``(node_feats, edge_attrs, tp_weights,
+    edge_index) -> message [nodes, irreps_out.dim]``. Every path of the tensor product is
+    ``out[c, m] = alpha_p * w[e, p, c] * x[sender, c] * Y[e, m]`` (m in the block of path p's
+    spherical harmonic); ``alpha_p`` and the output layout are read off the e3nn module.
+    """
+
+    def __init__(self, conv_tp: torch.nn.Module) -> None:
+        super().__init__()
+        spec = scalar_conv_spec(conv_tp)
+        if spec is None:
+            raise ValueError("conv_tp is not a scalar-input 'uvu' tensor product")
+        self.channels: int = spec["channels"]
+        self.num_paths: int = len(spec["paths"])
+        self.sh_dim: int = spec["sh_dim"]
+        self.out_dim: int = spec["out_dim"]
+        # Per path, in output order: first row of Y, number of rows, weight block, output start.
+        self.path_sh_start: List[int] = [p["sh_start"] for p in spec["paths"]]
+        self.path_sh_dim: List[int] = [p["sh_dim"] for p in spec["paths"]]
+        self.path_weight_block: List[int] = [p["weight_block"] for p in spec["paths"]]
+        self.path_out_start: List[int] = [p["out_start"] for p in spec["paths"]]
+        # alpha_p folded into one column scale of Y, shape [sh_dim] per path, as a buffer.
+        scale = torch.zeros(self.num_paths, self.sh_dim, dtype=torch.float64)
+        for k, p in enumerate(spec["paths"]):
+            scale[k, p["sh_start"]:p["sh_start"] + p["sh_dim"]] = p["alpha"]
+        self.register_buffer("sh_scale", scale.sum(0).to(torch.get_default_dtype()))
+        if len(set(self.path_sh_start)) != self.num_paths:
+            raise ValueError("two paths share a spherical-harmonic block")
+
+    def forward(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
+                edge_index: torch.Tensor) -> torch.Tensor:
+        sender = edge_index[0]
+        receiver = edge_index[1]
+        num_nodes = node_feats.shape[0]
+        num_edges = sender.shape[0]
+        C = self.channels
+        P = self.num_paths
+        # h[e, p, c] = w[e, p, c] * x[sender(e), c]
+        h = tp_weights.view(num_edges, P, C) * node_feats.index_select(0, sender).unsqueeze(1)
+        y = edge_attrs * self.sh_scale.to(edge_attrs.dtype)
+        # Edges of each receiver in consecutive slots 0..count-1 of a [nodes, K] grid.
+        counts = torch.bincount(receiver, minlength=num_nodes)
+        K = int(counts.max().item()) if num_edges > 0 else 0
+        order = torch.argsort(receiver, stable=True)
+        recv_sorted = receiver.index_select(0, order)
+        offsets = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(num_edges, device=receiver.device) - offsets.index_select(0, recv_sorted)
+        # Grid position of every edge in its original order (no permutation of edge tensors).
+        flat = torch.empty_like(order).index_copy_(0, order, recv_sorted * K + slot)
+        hp = torch.zeros(num_nodes * K, P * C, dtype=h.dtype, device=h.device).index_copy(
+            0, flat, h.reshape(num_edges, P * C)).view(num_nodes, K, P * C)
+        yp = torch.zeros(num_nodes * K, self.sh_dim, dtype=y.dtype, device=y.device).index_copy(
+            0, flat, y).view(num_nodes, K, self.sh_dim)
+        # [nodes, sh_dim, P*C]: every (Y row, path) pair; only the diagonal blocks are kept.
+        full = torch.bmm(yp.transpose(1, 2), hp)
+        blocks: List[torch.Tensor] = []
+        for k in range(P):
+            s = self.path_sh_start[k]
+            d = self.path_sh_dim[k]
+            b = self.path_weight_block[k]
+            block = full[:, s:s + d, b * C:(b + 1) * C]          # [nodes, d, C]
+            blocks.append(block.transpose(1, 2).reshape(num_nodes, C * d))
+        return torch.cat(blocks, dim=1)
+
+
+def scalar_conv_spec(conv_tp: torch.nn.Module) -> Dict | None:
+    """Structure of an e3nn TensorProduct Cx0e x (sh) -> C x (...) with 'uvu' paths, or None."""
+    from e3nn import o3
+
+    irreps_in1 = getattr(conv_tp, "irreps_in1", None)
+    irreps_in2 = getattr(conv_tp, "irreps_in2", None)
+    irreps_out = getattr(conv_tp, "irreps_out", None)
+    instructions = getattr(conv_tp, "instructions", None)
+    if not isinstance(conv_tp, o3.TensorProduct) or instructions is None:
+        return None
+    if len(irreps_in1) != 1 or irreps_in1[0].ir != o3.Irrep("0e"):
+        return None
+    if getattr(conv_tp, "shared_weights", True) or getattr(conv_tp, "internal_weights", True):
+        return None
+    channels = irreps_in1[0].mul
+    in2_slices = irreps_in2.slices()
+    out_slices = irreps_out.slices()
+    used_out = set()
+    paths = []
+    weight_offset = 0
+    for k, ins in enumerate(instructions):
+        if ins.connection_mode != "uvu" or not ins.has_weight or ins.i_in1 != 0:
+            return None
+        mul2, ir2 = irreps_in2[ins.i_in2]
+        mul_out, ir_out = irreps_out[ins.i_out]
+        if mul2 != 1 or mul_out != channels or ir_out != ir2 or ins.i_out in used_out:
+            return None
+        if tuple(ins.path_shape) != (channels, 1):
+            return None
+        used_out.add(ins.i_out)
+        paths.append({
+            "k": k, "sh_start": in2_slices[ins.i_in2].start, "sh_dim": ir2.dim,
+            "weight_block": weight_offset // channels, "out_start": out_slices[ins.i_out].start,
+        })
+        weight_offset += channels
+    if weight_offset != conv_tp.weight_numel or len(used_out) != len(irreps_out):
+        return None
+    # alpha_p, measured on the module itself: x = 1, w = 1, Y = unit vector at the block's row.
+    dtype = torch.float64
+    probe = copy.deepcopy(conv_tp).to(dtype)
+    x = torch.ones(1, channels, dtype=dtype)
+    w = torch.ones(1, conv_tp.weight_numel, dtype=dtype)
+    for p in paths:
+        for m in range(p["sh_dim"]):
+            y = torch.zeros(1, irreps_in2.dim, dtype=dtype)
+            y[0, p["sh_start"] + m] = 1.0
+            out = probe(x, y, w)[0]
+            d = p["sh_dim"]
+            block = out[p["out_start"]:p["out_start"] + channels * d].view(channels, d)
+            expected = torch.zeros(channels, d, dtype=dtype)
+            expected[:, m] = block[0, m]
+            if not torch.allclose(block, expected, rtol=0, atol=1e-14 * abs(float(block[0, m]))):
+                return None  # not of the assumed form
+            alpha = float(block[0, m])
+            if m == 0:
+                p["alpha"] = alpha
+            elif abs(alpha - p["alpha"]) > 1e-14 * abs(alpha):
+                return None
+        if p["alpha"] == 0.0:
+            return None
+    # Output order must be the order of the output irreps (contiguous blocks).
+    paths.sort(key=lambda p: p["out_start"])
+    start = 0
+    for p in paths:
+        if p["out_start"] != start:
+            return None
+        start += channels * p["sh_dim"]
+    return {"channels": channels, "paths": paths, "sh_dim": irreps_in2.dim, "out_dim": irreps_out.dim}
+
+
+def fuse_interactions(model: torch.nn.Module) -> int:
+    """Swap the convolution of every eligible interaction for FusedScalarConv; in place."""
+    fused = 0
+    for interaction in getattr(model, "interactions", []):
+        if hasattr(interaction, "conv_fusion"):
+            continue
+        if not hasattr(interaction, "conv_tp") or scalar_conv_spec(interaction.conv_tp) is None:
+            continue
+        dtype = next(interaction.parameters()).dtype
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            interaction.conv_tp = FusedScalarConv(interaction.conv_tp)
+        finally:
+            torch.set_default_dtype(previous)
+        interaction.conv_fusion = "umlipft"
+        fused += 1
+    return fused
+
+
+# ----------------------------------------------------------------------------- checking
+
+def probe_structure(atomic_numbers: Sequence[int], r_max: float, seed: int = 7):
+    """A small periodic structure holding every element, dense enough for many edges."""
+    import numpy as np
+    from ase import Atoms
+
+    rng = np.random.default_rng(seed)
+    zs = list(atomic_numbers)
+    numbers = (zs * (1 + 16 // max(1, len(zs))))[: max(16, len(zs))]
+    box = 7.0
+    positions: list = []
+    while len(positions) < len(numbers):
+        p = rng.uniform(0.0, box, 3)
+        if all(np.linalg.norm((p - q) - box * np.round((p - q) / box)) > 1.6 for q in positions):
+            positions.append(p)
+    return Atoms(numbers=numbers, positions=positions, cell=[box] * 3, pbc=True)
+
+
+def edge_outputs(wrapper: torch.nn.Module, atoms, atomic_numbers: Sequence[int], r_max: float, dtype):
+    """(node energies, edge gradients) of an (unscripted or scripted) MACEEdgeGradientModel."""
+    import numpy as np
+    from mace.data.neighborhood import get_neighborhood
+
+    edge_index, shifts, _, _ = get_neighborhood(positions=atoms.get_positions(), cutoff=r_max,
+                                                pbc=(True, True, True), cell=atoms.get_cell().array)
+    index = {int(z): k for k, z in enumerate(atomic_numbers)}
+    positions = torch.tensor(atoms.get_positions(), dtype=dtype)
+    species = torch.tensor([index[int(z)] for z in atoms.numbers], dtype=torch.long)
+    edges = torch.tensor(np.ascontiguousarray(edge_index), dtype=torch.long)
+    _, node_energy, grad = wrapper(positions, species, edges, torch.tensor(shifts, dtype=dtype), len(atoms))
+    return node_energy.detach().double(), grad.detach().double()
+
+
+def max_deviation(reference: torch.nn.Module, candidate: torch.nn.Module, ref_numbers: Sequence[int],
+                  cand_numbers: Sequence[int], r_max: float, dtype) -> tuple[float, float]:
+    """Largest |difference| of node energies (eV) and edge gradients (eV/Å) on a probe structure."""
+    atoms = probe_structure(cand_numbers, r_max)
+    e_ref, g_ref = edge_outputs(reference, atoms, ref_numbers, r_max, dtype)
+    e_new, g_new = edge_outputs(candidate, atoms, cand_numbers, r_max, dtype)
+    return float((e_ref - e_new).abs().max()), float((g_ref - g_new).abs().max())
