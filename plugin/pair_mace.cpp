@@ -29,6 +29,7 @@
 #include "update.h"
 #include "utils.h"
 
+#include <torch/cuda.h>
 #include <torch/script.h>
 
 #include <array>
@@ -74,6 +75,7 @@ namespace LAMMPS_NS {
 class MACEModel {
  public:
   torch::jit::Module module;
+  torch::Device device = torch::kCPU;
   torch::Dtype dtype = torch::kFloat64;
   std::vector<int> atomic_numbers;
   double r_max = 0.0;
@@ -87,7 +89,7 @@ class MACEModel {
 
 PairMACE::PairMACE(LAMMPS *lmp) :
     Pair(lmp), r_max(0.0), num_interactions(0), requested_mode(GraphMode::AUTO),
-    active_mode(GraphMode::OWNED)
+    active_mode(GraphMode::OWNED), use_cuda(false)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -140,10 +142,23 @@ void PairMACE::settings(int narg, char **arg)
       else
         error->all(FLERR, "pair_style mace: unknown graph mode '{}'; use auto, owned or ghost", value);
       iarg += 2;
+    } else if (strcmp(arg[iarg], "device") == 0) {
+      if (iarg + 1 >= narg)
+        error->all(FLERR, "pair_style mace: keyword 'device' needs a value: cpu or cuda");
+      const std::string value = arg[iarg + 1];
+      if (value != "cpu" && value != "cuda")
+        error->all(FLERR, "pair_style mace: unknown device '{}'; use cpu or cuda", value);
+      if (value == "cuda" && !torch::cuda::is_available())
+        error->all(FLERR,
+                   "pair_style mace: device cuda requested but this libtorch sees no CUDA GPU; "
+                   "build the plugin against a CUDA libtorch (see README) or use device cpu");
+      use_cuda = (value == "cuda");
+      iarg += 2;
     } else {
       error->all(FLERR,
                  "pair_style mace: unknown keyword '{}'; the syntax is 'pair_style mace "
-                 "[graph auto|owned|ghost]' and the model is given with pair_coeff",
+                 "[graph auto|owned|ghost] [device cpu|cuda]' and the model is given with "
+                 "pair_coeff",
                  arg[iarg]);
     }
   }
@@ -181,7 +196,11 @@ void PairMACE::coeff(int narg, char **arg)
   auto loaded = std::make_unique<MACEModel>();
   torch::jit::ExtraFilesMap extra{{METADATA_NAME, ""}};
   try {
-    loaded->module = torch::jit::load(model_file, torch::kCPU, extra);
+    // One GPU per rank, round robin, for the usual 'one rank per GPU' cluster launch.
+    loaded->device = use_cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(
+                                                                 comm->me % torch::cuda::device_count()))
+                              : torch::Device(torch::kCPU);
+    loaded->module = torch::jit::load(model_file, loaded->device, extra);
   } catch (const std::exception &err) {
     error->all(FLERR,
                "pair_style mace: '{}' is not a TorchScript model file ({}); {}", model_file,
@@ -263,9 +282,9 @@ void PairMACE::coeff(int narg, char **arg)
   if (comm->me == 0)
     utils::logmesg(lmp,
                    "pair_style mace: model {} ({}, r_max {} A, {} interactions, head {}, {} "
-                   "elements)\n",
+                   "elements) on {}\n",
                    model_file, model->dtype_name, r_max, num_interactions, model->head,
-                   model->atomic_numbers.size());
+                   model->atomic_numbers.size(), use_cuda ? "cuda" : "cpu");
 }
 
 /* ---------------------------------------------------------------------- */
@@ -483,11 +502,15 @@ void PairMACE::compute(int eflag, int vflag)
   torch::Tensor node_energy, edge_gradient;
   if (nnodes > 0) {
     const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+    const auto device = model->device;
     torch::Tensor positions =
-        torch::from_blob(node_positions.data(), {nnodes, 3}, f64).to(model->dtype);
-    torch::Tensor species = torch::from_blob(node_species.data(), {nnodes}, torch::kInt64);
-    torch::Tensor edges = torch::from_blob(edge_index.data(), {2, nedges}, torch::kInt64);
-    torch::Tensor shifts = torch::from_blob(edge_shift.data(), {nedges, 3}, f64).to(model->dtype);
+        torch::from_blob(node_positions.data(), {nnodes, 3}, f64).to(device, model->dtype);
+    torch::Tensor species =
+        torch::from_blob(node_species.data(), {nnodes}, torch::kInt64).to(device);
+    torch::Tensor edges =
+        torch::from_blob(edge_index.data(), {2, nedges}, torch::kInt64).to(device);
+    torch::Tensor shifts =
+        torch::from_blob(edge_shift.data(), {nedges, 3}, f64).to(device, model->dtype);
     std::vector<torch::jit::IValue> inputs{positions, species, edges, shifts,
                                            static_cast<int64_t>(n_local_nodes)};
     c10::intrusive_ptr<c10::ivalue::Tuple> out;
@@ -498,8 +521,8 @@ void PairMACE::compute(int eflag, int vflag)
                  utils::split_lines(err.what()).front());
     }
     energy = out->elements()[0].toTensor().item<double>();
-    node_energy = out->elements()[1].toTensor().to(torch::kFloat64).contiguous();
-    edge_gradient = out->elements()[2].toTensor().to(torch::kFloat64).contiguous();
+    node_energy = out->elements()[1].toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
+    edge_gradient = out->elements()[2].toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
   }
 
   {

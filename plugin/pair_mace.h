@@ -40,6 +40,7 @@ class PairMACE : public Pair {
   int num_interactions;
   GraphMode requested_mode;
   GraphMode active_mode;
+  bool use_cuda;
 
   std::vector<int> type_to_species;    // per LAMMPS type: index into the model's elements, -1 = NULL
   std::vector<std::string> type_element;

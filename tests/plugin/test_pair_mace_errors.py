@@ -85,6 +85,15 @@ def test_unknown_pair_style_keyword(water_data):
     expect_error(setup_lines(water_data) + ["pair_style mace fast"], "unknown keyword 'fast'")
 
 
+def test_cuda_device_without_cuda_libtorch(water_data):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU; the message is for CPU-only builds")
+    expect_error(setup_lines(water_data) + ["pair_style mace device cuda"],
+                 "device cuda requested", "CUDA libtorch")
+
+
 def test_overlapping_atoms_give_non_finite_forces(water_data, exported_fp64):
     lines = setup_lines(water_data) + [
         "pair_style mace", f"pair_coeff * * {exported_fp64} O H",
