@@ -30,8 +30,9 @@ def write_lammps_data(path: str | Path, atoms: "Atoms", elements: Sequence[str])
     has_velocities = bool(atoms.has("momenta"))
     path = Path(path)
     with atomic_path(path) as tmp:
+        # parallel=False: under mpiexec ASE would write from world rank 0 only.
         write(tmp, atoms, format="lammps-data", specorder=list(elements), masses=True,
-              units="metal", atom_style="atomic", velocities=has_velocities)
+              units="metal", atom_style="atomic", velocities=has_velocities, parallel=False)
     return path
 
 
@@ -42,5 +43,5 @@ def read_lammps_dump(path: str | Path, index: str | int = ":") -> "list[Atoms]":
     path = Path(path)
     if not path.is_file():
         raise InputError(f"LAMMPS dump {path} does not exist")
-    frames = read(path, index=index, format="lammps-dump-text", units="metal")
+    frames = read(path, index=index, format="lammps-dump-text", units="metal", parallel=False)
     return frames if isinstance(frames, list) else [frames]

@@ -188,6 +188,7 @@ def lammps_variables(config: MDConfig, prepared: PreparedRun, index: int, direct
         "output": str((directory / PREFIX).resolve()),
         "tdamp_fs": repr(config.tdamp_fs),
         "restart_every": str(config.restart_every),
+        "resume": "yes" if restart_from else "no",
         "restart_from": str(restart_from.resolve()) if restart_from else "none",
     }
     if config.ensemble == "npt":
@@ -401,7 +402,7 @@ def finish_outputs(directory: Path, elements: Sequence[str], config: MDConfig) -
         atoms.calc = None
     write_frames(directory / TRAJECTORY, frames)
     final = read(directory / f"{PREFIX}.final.data", format="lammps-data", atom_style="atomic",
-                 units="metal", Z_of_type={k + 1: _z(s) for k, s in enumerate(elements)})
+                 units="metal", Z_of_type={k + 1: _z(s) for k, s in enumerate(elements)}, parallel=False)
     final.info["step"] = config.steps
     final.info["time_ps"] = config.steps * config.timestep_ps
     write_frames(directory / FINAL, [final])
@@ -450,15 +451,19 @@ def run_md_mpi(config: MDConfig, world: Any = None) -> list[ReplicaResult]:
     prepared = world.bcast(prepared, root=0)
     color = rank % config.replicas
     group = world.Split(color, rank)
+    # A replica that fails must not leave the others waiting: every rank reports, then all
+    # ranks raise the same error together.
     try:
-        local = run_replica(config, prepared, color, comm=group, progress=False)
+        outcome: tuple[str, Any] = ("ok", run_replica(config, prepared, color, comm=group, progress=False))
+    except Exception as err:
+        outcome = ("error", f"replica {color} (rank {rank}): {err}")
     finally:
         group.Free()
-    results = world.gather(local, root=0)
-    world.Barrier()
+    outcomes = world.allgather(outcome)
+    failures = [detail for status, detail in outcomes if status == "error"]
+    if failures:
+        raise ExternalProgramError("MD replicas failed:\n" + "\n".join(failures))
     if rank != 0:
         return []
-    by_index = {}
-    for result in results:
-        by_index.setdefault(result.directory, result)
-    return [by_index[replica_dir(prepared.run_dir, k, config.replicas)] for k in range(config.replicas)]
+    by_directory = {detail.directory: detail for _, detail in outcomes}
+    return [by_directory[replica_dir(prepared.run_dir, k, config.replicas)] for k in range(config.replicas)]
