@@ -61,6 +61,13 @@ class DriverConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values, source=str(path))
 
+    @classmethod
+    def from_command_line(cls: type[C], config_file: str | Path | None, overrides: Mapping[str, Any]) -> C:
+        """YAML file (if given) with command-line flags on top; unset flags (None) are ignored."""
+        if config_file:
+            return cls.from_yaml(config_file, **overrides)
+        return cls.from_dict({k: v for k, v in overrides.items() if v is not None}, source="command line")
+
     def replace(self: C, **overrides: Any) -> C:
         """A copy with the given fields changed; ``None`` means 'keep' (unset CLI flags)."""
         values = self.to_dict()

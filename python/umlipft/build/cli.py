@@ -36,11 +36,7 @@ def _build(args: argparse.Namespace) -> int:
                                                "n_citric_acid", "n_licl", "n_cocl2", "tolerance_A",
                                                "output")}
     overrides["system"] = args.system
-    if args.config:
-        config = BuildConfig.from_yaml(args.config, **overrides)
-    else:
-        config = BuildConfig.from_dict({k: v for k, v in overrides.items() if v is not None},
-                                       source="command line")
+    config = BuildConfig.from_command_line(args.config, overrides)
     path = run_build(config)
     print(f"wrote {path}")
     return 0

@@ -47,11 +47,7 @@ def _extract(args: argparse.Namespace) -> int:
         "dump_interval_ps": args.dump_interval_ps,
         "format": args.format,
     }
-    if args.config:
-        config = ExtractConfig.from_yaml(args.config, **overrides)
-    else:
-        config = ExtractConfig.from_dict({k: v for k, v in overrides.items() if v is not None},
-                                         source="command line")
+    config = ExtractConfig.from_command_line(args.config, overrides)
     path = run_extract(config)
     print(f"wrote {path}")
     return 0

@@ -48,10 +48,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides["structure"] = tuple(args.structure)
     if args.elements:
         overrides["elements"] = tuple(args.elements)
-    if args.config:
-        config = MDConfig.from_yaml(args.config, **overrides)
-    else:
-        config = MDConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="command line")
+    config = MDConfig.from_command_line(args.config, overrides)
     under_mpi = any(k in os.environ for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
     if under_mpi:
         results = run_md_mpi(config)
