@@ -25,6 +25,7 @@ _STAGE_MODULES: tuple[str, ...] = (
     "umlipft.evaluate.cli",
     "umlipft.analysis.cli",
     "umlipft.report.cli",
+    "umlipft.workflows.cli",
 )
 
 

@@ -1,0 +1,351 @@
+"""Judging the models as the study did, then the report.
+
+- self-consistent test: every model runs a fresh trajectory from the common start structure;
+  frames of its second half are labelled; residual (E_model - E_ref)/N from the model's own
+  thermo output, per model, strategies side by side (naive vs periodic panels);
+- long runs: the last model of each strategy continues its test trajectory; labelled every
+  interval; each model is evaluated on every long run (cross-evaluation); events (H-Cl bonds,
+  Co coordination) and Q(t) of the atoms involved, against the model's own training data;
+- coverage maps in SOAP PC space of the strategies' datasets, per iteration and per element.
+
+Everything numeric goes to ``report/report.json`` (deterministic: no times, no hosts), the
+figures to ``report/figures`` and ``report/report.html`` collects them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..io import atomic_write_text
+from .config import WorkflowConfig
+from .stages import absolute, elements_of, extract_stage, label_stage, md_stage, rel
+from .state import WorkflowState
+from .strategies import ModelInfo, StrategyResult, _pca_for
+
+REPORT_DIR = "report"
+
+
+def _models(results: Mapping[str, StrategyResult]) -> list[ModelInfo]:
+    seen: dict[str, ModelInfo] = {}
+    for result in results.values():
+        for m in result.models:
+            seen.setdefault(m.name, m)
+    return list(seen.values())
+
+
+def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, StrategyResult]) -> dict[str, Any]:
+    ev = config.evaluation
+    md = config.md
+    start0 = state.result("start")["structures"][0]
+    elements = elements_of(absolute(state, start0))
+    dump_ps = md.dump_every * md.timestep_fs / 1000.0
+    test_ps = ev.test_steps * md.timestep_fs / 1000.0
+    sc: dict[str, dict[str, Any]] = {}
+    deps: list[str] = []
+    for m in _models(results):
+        base = f"eval/sc/{m.name}"
+        if not ev.self_consistent and not (ev.long_runs and _is_final(m, results)):
+            continue
+        run = md_stage(state, config, f"{base}/md", model=m.lammps_model or config.foundation, steps=ev.test_steps,
+                       seed=ev.seed, structures=[start0], deps=["start"] + ([m.stage] if m.stage else []),
+                       elements=elements)
+        entry: dict[str, Any] = {"md": run}
+        deps.append(f"{base}/md")
+        if ev.self_consistent:
+            ex = extract_stage(state, config, f"{base}/extract", trajectory=run["trajectories"][0],
+                               start_ps=test_ps / 2, stop_ps=None, count=ev.test_frames, seed=ev.seed,
+                               deps=[f"{base}/md"], tag={"test": "self-consistent", "model": m.name})
+            entry["label"] = label_stage(state, config, f"{base}/label", frames=ex["frames"],
+                                         deps=[f"{base}/extract"])
+            deps.append(f"{base}/label")
+        sc[m.name] = entry
+    long: dict[str, dict[str, Any]] = {}
+    if ev.long_runs:
+        for strategy, result in results.items():
+            m = result.models[-1]
+            base = f"eval/long/{m.name}"
+            if m.name in long:
+                continue
+            run = md_stage(state, config, f"{base}/md", model=m.lammps_model or config.foundation,
+                           steps=ev.long_steps, seed=ev.seed, continue_from=sc[m.name]["md"]["directories"][0],
+                           deps=[f"eval/sc/{m.name}/md"], elements=elements)
+            every_ps = ev.long_label_every * md.timestep_fs / 1000.0
+            ex = extract_stage(state, config, f"{base}/extract", trajectory=run["trajectories"][0],
+                               start_ps=every_ps, stop_ps=None, count=None, every_ps=every_ps, seed=ev.seed,
+                               time_offset_ps=test_ps, deps=[f"{base}/md"], tag={"test": "long", "model": m.name})
+            lab = label_stage(state, config, f"{base}/label", frames=ex["frames"], deps=[f"{base}/extract"])
+            long[m.name] = {"md": run, "label": lab, "strategy": strategy, "model": m}
+            deps += [f"{base}/md", f"{base}/label"]
+    strategy_stages = [m.stage for r in results.values() for m in r.models if m.stage]
+    inputs = {"strategies": sorted(results), "analysis": config.analysis.to_dict(),
+              "evaluation": ev.to_dict(), "dump_ps": dump_ps}
+    return state.run("report", inputs, lambda folder: _analyse(state, config, results, sc, long, folder),
+                     deps=deps + strategy_stages)
+
+
+def _is_final(m: ModelInfo, results: Mapping[str, StrategyResult]) -> bool:
+    return any(r.models[-1].name == m.name for r in results.values())
+
+
+# ----------------------------------------------------------------------------------- the analysis
+def _analyse(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, StrategyResult],
+             sc: Mapping[str, Any], long: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    from ..analysis.plots import save_figure
+    from ..report import build_report
+
+    figures = folder / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"strategies": {k: v.to_dict() for k, v in results.items()}}
+    report["self_consistent"] = _self_consistent(state, results, sc, figures, save_figure)
+    if long:
+        report["long_runs"] = _long_runs(state, config, long, figures, save_figure)
+    report["coverage"] = _coverage(state, config, results, figures, save_figure)
+    if "adaptive" in results and "periodic" in results and report["self_consistent"]:
+        report["adaptive_vs_periodic"] = _adaptive_labels(results, report["self_consistent"])
+    report["finetune"] = {m.name: _ft_summary(state, m) for m in _models(results) if m.stage}
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=1, sort_keys=True, default=_plain) + "\n")
+    html = build_report(folder, title=f"umlipft workflow: {', '.join(results)}")
+    return {"report_json": rel(state, folder / "report.json"), "report_html": rel(state, html)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _ft_summary(state: WorkflowState, m: ModelInfo) -> dict[str, Any]:
+    r = state.result(m.stage) if m.stage else {}
+    return {k: r.get(k) for k in ("n_train", "n_valid", "n_frames", "final_valid_rmse_e_meV_per_atom",
+                                  "final_valid_rmse_f_meV_per_A", "e0_policy")}
+
+
+def _self_consistent(state: WorkflowState, results: Mapping[str, StrategyResult], sc: Mapping[str, Any],
+                     figures: Path, save_figure: Any) -> dict[str, Any]:
+    from ..analysis.plots import plot_residuals
+    from ..evaluate import self_consistent_residual
+
+    out: dict[str, Any] = {}
+    for name, entry in sc.items():
+        if "label" not in entry:
+            continue
+        rep = self_consistent_residual(absolute(state, entry["md"]["thermo"][0]),
+                                       absolute(state, entry["label"]["labelled"]))
+        out[name] = {"mean_meV_per_atom": rep.residual_mean_meV_per_atom,
+                     "rmse_meV_per_atom": rep.residual_rmse_meV_per_atom,
+                     "max_abs_meV_per_atom": rep.residual_max_abs_meV_per_atom,
+                     "residuals_meV_per_atom": [r.residual_meV_per_atom for r in rep.per_frame],
+                     "steps": [r.step for r in rep.per_frame], "n_frames": rep.n_frames}
+    if not out:
+        return out
+
+    def panel(strategy: str) -> dict[str, list[float]]:
+        if strategy not in results:
+            return {}
+        return {m.name: out[m.name]["residuals_meV_per_atom"] for m in results[strategy].models if m.name in out}
+
+    pairs = [("naive", "periodic"), ("control", "adaptive")]
+    for left, right in pairs:
+        if left not in results and right not in results:
+            continue
+        fig, data = plot_residuals(panel(left), panel(right))
+        fig.axes[0].set_title(left)
+        fig.axes[1].set_title(right)
+        save_figure(fig, data, figures / f"residuals-{left}-{right}.png",
+                    caption=f"Self-consistent test: (E_model - E_ref)/N of frames from the second half of each "
+                            f"model's own trajectory from the common start; {left} and {right} models "
+                            "(dots: frames; bars: mean ± std).")
+    return out
+
+
+def _concatenate(state: WorkflowState, parts: list[tuple[str, float]], target: Path):
+    """Frames of trajectory pieces (path, time offset ps) as one trajectory; each piece after the
+    first starts with the previous piece's last frame, which is dropped."""
+    from ..io import read_frames, write_frames
+
+    frames = []
+    for k, (path, offset) in enumerate(parts):
+        piece = read_frames(absolute(state, path))
+        for atoms in piece[1 if k else 0:]:
+            atoms.info["run_time_ps"] = float(atoms.info.get("time_ps", 0.0)) + offset
+            frames.append(atoms)
+    write_frames(target, frames)
+    return frames
+
+
+def _long_runs(state: WorkflowState, config: WorkflowConfig, long: Mapping[str, Any], figures: Path,
+               save_figure: Any) -> dict[str, Any]:
+    from ..analysis import EventsConfig, QConfig, analyze_trajectory, detect_events
+    from ..analysis.plots import plot_control_chart, plot_energy_trajectory, plot_force_parity
+    from ..evaluate import cross_evaluate
+    from ..evaluate.predict import ModelEvaluator
+    from ..io import read_frames
+
+    md, ev, a = config.md, config.evaluation, config.analysis
+    dump_ps = md.dump_every * md.timestep_fs / 1000.0
+    test_ps = ev.test_steps * md.timestep_fs / 1000.0
+    models = {name: str(absolute(state, e["model"].model)) if e["model"].stage else e["model"].model
+              for name, e in long.items()}
+    frame_sets = {f"{name} run": str(absolute(state, e["label"]["labelled"])) for name, e in long.items()}
+    reports = cross_evaluate(models, frame_sets, dtype=ev.dtype)
+    out: dict[str, Any] = {"cross_evaluation": [
+        {"model": r.model, "frames": r.frames, "n_frames": r.summary.n_frames,
+         "energy_residual_mean_meV_per_atom": r.summary.energy_residual_mean_meV_per_atom,
+         "energy_residual_rmse_meV_per_atom": r.summary.energy_residual_rmse_meV_per_atom,
+         "energy_residual_max_abs_meV_per_atom": r.summary.energy_residual_max_abs_meV_per_atom,
+         "force_rmse_eV_per_A": r.summary.force_rmse_eV_per_A,
+         "force_rmse_per_element_eV_per_A": r.summary.force_rmse_per_element_eV_per_A,
+         "per_frame_residual_meV_per_atom": [f.energy_residual_meV_per_atom for f in r.per_frame]}
+        for r in reports], "runs": {}}
+    for name, e in long.items():
+        sc_md, run = state.result(f"eval/sc/{name}/md"), e["md"]
+        full = state.stage_dir(f"eval/long/{name}") / "full-trajectory.extxyz"
+        frames = _concatenate(state, [(sc_md["trajectories"][0], 0.0), (run["trajectories"][0], test_ps)], full)
+        times_ns = np.array([f.info["run_time_ps"] for f in frames]) / 1000.0
+        labelled = read_frames(absolute(state, e["label"]["labelled"]))
+        dft_t = np.array([f.info["run_time_ps"] for f in labelled]) / 1000.0
+        dft_e = np.array([f.info["REF_energy"] for f in labelled])
+        cross = {f"{r.model} on these frames": (dft_t, np.array([p.energy_model_eV for p in r.per_frame]))
+                 for r in reports if r.frames == f"{name} run"}
+        md_e = np.array([f.info.get("md_energy", np.nan) for f in frames])
+        fig, data = plot_energy_trajectory(times_ns, md_e, dft_t, dft_e, cross, label=f"MD ({name})")
+        save_figure(fig, data, figures / f"long-{name}-energy.png",
+                    caption=f"Potential energy along the long run of {name} (its own MD), reference labels "
+                            "and every final model evaluated on the labelled frames.")
+        # Force parity of the model on its own long run.
+        evaluator = ModelEvaluator(models[name], dtype=ev.dtype)
+        preds = evaluator.predict(labelled)
+        ref_f = np.vstack([f.arrays["REF_forces"] for f in labelled])
+        pred_f = np.vstack([p.forces_eV_per_A for p in preds])
+        symbols = [s for f in labelled for s in f.get_chemical_symbols()]
+        fig, data = plot_force_parity(ref_f, pred_f, symbols, title=f"{name} on its long run")
+        save_figure(fig, data, figures / f"long-{name}-force-parity.png",
+                    caption=f"Force components of {name} against the reference on its long-run frames, per element.")
+        # Events and Q(t) of the atoms involved, against the model's training data.
+        events = detect_events(frames, EventsConfig(frame_interval_ps=dump_ps,
+                                                    persistence_frames=a.events_persistence_frames))
+        entry: dict[str, Any] = {"n_frames": len(frames), "duration_ps": float(times_ns[-1] * 1000.0),
+                                 "events": [ev_.to_dict() for ev_ in events.events], "event_warnings": events.warnings}
+        m: ModelInfo = e["model"]
+        if m.stage:
+            pca = _pca_for(state, config, m)
+            involved = sorted({i for ev_ in events.events for i in ev_.atoms})[:a.n_track]
+            qdir = state.stage_dir(f"eval/long/{name}") / "q"
+            q = analyze_trajectory(pca, full, qdir, QConfig(alpha=a.alpha, k_sigma=a.k_sigma,
+                                                              frame_interval_ps=dump_ps, track=tuple(involved),
+                                                              n_track=a.n_track))
+            qv, _ = q.load(mmap=False)
+            track = q.summary["tracked_atoms"]
+            sym = q.summary["symbols"]
+            lim = q.summary["limits"]
+            labels = [f"{sym[i]}{i}" for i in track]
+            limits = [lim.get(sym[i], {}).get("q_limit", float("nan")) for i in track]
+            bands = [(lim.get(sym[i], {}).get("q_band_low", np.nan), lim.get(sym[i], {}).get("q_band_high", np.nan))
+                     for i in track]
+            t_ps = np.arange(qv.shape[0]) * dump_ps
+            fig, data = plot_control_chart(t_ps, qv[:, track], labels, "Q", limits=limits, bands=bands,
+                                           events=events.events, xlabel="time (ps)")
+            save_figure(fig, data, figures / f"long-{name}-q.png",
+                        caption=f"Q-residual of atoms {'involved in events' if involved else 'with the largest Q'} "
+                                f"along the long run of {name}, against the PCA of its training data "
+                                f"(dashed: limit at alpha = {a.alpha}; shaded: mean ± {a.k_sigma}σ).")
+            entry["q"] = {"tracked_atoms": track, "per_element": q.summary["per_element"],
+                          "max_q_over_limit": [q.summary["atoms"]["max_q_over_limit"][i] for i in track]}
+        out["runs"][name] = entry
+    return out
+
+
+def _features(pca: Any, frames_by_source: Mapping[str, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from ..analysis import compute_features
+
+    feats = compute_features(frames_by_source, pca.descriptor())
+    return pca.transform(feats.features, feats.symbols), feats.symbols, feats.source
+
+
+def _coverage(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, StrategyResult],
+              figures: Path, save_figure: Any) -> dict[str, Any]:
+    """Coverage maps: per iteration, the data of one strategy not covered by the other's
+    (naive vs periodic when both ran; otherwise each iteration's new frames vs the earlier ones)."""
+    from ..analysis import DescriptorPCA
+    from ..analysis.coverage import coverage, coverage_by_element
+    from ..analysis.frames import drop_isolated_atoms
+    from ..analysis.plots import plot_coverage, plot_pca_map
+    from ..io import read_frames
+
+    a = config.analysis
+    datasets: dict[str, list[list]] = {}  # strategy -> training frames of each model, in order
+    for strategy, result in results.items():
+        datasets[strategy] = [drop_isolated_atoms([f for t in m.train for f in read_frames(absolute(state, t))])
+                              for m in result.models if m.stage]
+    fit = {f"{s} final": sets[-1] for s, sets in datasets.items() if sets and sets[-1]}
+    if not fit:
+        return {}
+    from ..analysis.pca import PCAConfig
+
+    pcfg = PCAConfig(components=a.components, r_cut_A=a.soap_r_cut_A, n_max=a.soap_n_max, l_max=a.soap_l_max,
+                     sigma_A=a.soap_sigma_A)
+    every = [f for frames in fit.values() for f in frames]
+    descriptor = pcfg.make_descriptor(every)
+    from ..analysis import compute_features
+
+    feats = compute_features(fit, descriptor)
+    pca = DescriptorPCA.fit(feats.features, feats.symbols, descriptor.settings(), a.components, seed=config.seed)
+    pca.save(figures.parent / "pca")
+    scores = pca.transform(feats.features, feats.symbols)
+    fig, data = plot_pca_map(scores, feats.symbols, pca.explained_variance_ratio,
+                             title="Training data of the final models (SOAP PCA)")
+    save_figure(fig, data, figures / "pca-map.png",
+                caption="PC1/PC2 of every atom of the final models' training data, by element; PCA fitted on their union.")
+    out: dict[str, Any] = {"explained_variance_ratio": pca.explained_variance_ratio, "fitted_on": list(fit)}
+    panels: dict[str, Any] = {}
+    if "naive" in datasets and "periodic" in datasets:
+        pairs = list(zip(datasets["naive"], datasets["periodic"]))
+        for i, (nv, pe) in enumerate(pairs):
+            sa, syma, _ = _features(pca, {"naive": nv})
+            sb, symb, _ = _features(pca, {"periodic": pe})
+            panels[f"iteration {i + 1}"] = coverage(sa, sb, bins=a.coverage_bins, label_a="naive", label_b="periodic")
+        by_el = coverage_by_element(*_features(pca, {"n": datasets["naive"][-1]})[:2],
+                                    *_features(pca, {"p": datasets["periodic"][-1]})[:2],
+                                    bins=a.coverage_bins, label_a="naive", label_b="periodic")
+        fig, data = plot_coverage(by_el)
+        save_figure(fig, data, figures / "coverage-by-element.png",
+                    caption="Final datasets per element: PC1/PC2 cells covered by naive only, periodic only, both.")
+        out["by_element"] = {k: v.to_dict() for k, v in by_el.items()}
+    else:
+        for strategy, sets in datasets.items():
+            for i in range(1, len(sets)):
+                new = sets[i][len(sets[i - 1]):] if len(sets[i]) > len(sets[i - 1]) else sets[i]
+                sa, _, _ = _features(pca, {"new": new})
+                sb, _, _ = _features(pca, {"old": sets[i - 1]})
+                panels[f"{strategy} iteration {i + 1}"] = coverage(
+                    sa, sb, bins=a.coverage_bins, label_a=f"iteration {i + 1} frames", label_b="earlier data")
+    if panels:
+        fig, data = plot_coverage(panels)
+        save_figure(fig, data, figures / "coverage-per-iteration.png",
+                    caption="Coverage per iteration in PC1/PC2 (grid cells; see umlipft.analysis.coverage for the definition).")
+        out["per_iteration"] = {k: v.to_dict() for k, v in panels.items()}
+    return out
+
+
+def _adaptive_labels(results: Mapping[str, StrategyResult], sc: Mapping[str, Any]) -> dict[str, Any]:
+    """How many labels the adaptive strategy needed to reach the periodic workflow's error."""
+    target_model = results["periodic"].models[-1]
+    target = sc.get(target_model.name, {}).get("rmse_meV_per_atom")
+    out: dict[str, Any] = {"periodic_model": target_model.name, "periodic_rmse_meV_per_atom": target,
+                           "periodic_labels": target_model.n_frames, "adaptive_model": None, "adaptive_labels": None}
+    if target is None:
+        return out
+    for m in results["adaptive"].models[1:]:
+        rmse = sc.get(m.name, {}).get("rmse_meV_per_atom")
+        if rmse is not None and rmse <= target:
+            out.update(adaptive_model=m.name, adaptive_labels=m.n_frames, adaptive_rmse_meV_per_atom=rmse)
+            break
+    return out

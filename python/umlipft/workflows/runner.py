@@ -1,0 +1,117 @@
+"""Run one or several strategies in a workflow directory, judge the models, write the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import ConfigError, StateError
+from ..io import atomic_write_text
+from ..summary import RunSummary
+from .config import STRATEGIES, WorkflowConfig
+from .state import WorkflowState, _Stop
+from .strategies import STRATEGY_RUNNERS, StrategyResult
+
+CONFIG_FILE = "workflow.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkflowOutcome:
+    directory: Path
+    strategies: tuple[str, ...]
+    finished: bool  # False when stopped by --until
+    report_json: Path | None
+    report_html: Path | None
+    wall_time_s: float
+
+
+def _log(message: str) -> None:
+    print(f"[umlipft workflow {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_workflow(strategies: Sequence[str], config: WorkflowConfig, directory: str | Path, *,
+                 from_stage: str | None = None, until: str | None = None, judge: bool = True,
+                 log: Callable[[str], None] | None = _log) -> WorkflowOutcome:
+    """Run ``strategies`` (in order) in ``directory`` and judge their models; resumable."""
+    from .judge import judge as judge_models
+
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ConfigError(f"unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(STRATEGIES)}")
+    directory = Path(directory).resolve()
+    state = WorkflowState(directory, from_stage=from_stage, until=until, log=log)
+    _record_config(state, config, strategies)
+    summary = RunSummary("workflow", config, seed=config.seed)
+    results: dict[str, StrategyResult] = {}
+    finished = False
+    report: dict[str, Any] = {}
+    try:
+        for strategy in strategies:
+            with summary.timed(strategy):
+                results[strategy] = STRATEGY_RUNNERS[strategy](state, config)
+        if judge:
+            with summary.timed("judge"):
+                report = judge_models(state, config, results)
+        finished = True
+    except _Stop:
+        if log:
+            log(f"stopped after stage {until} (--until)")
+    wall = time.perf_counter() - summary._t0
+    summary.results = {"strategies": list(strategies), "finished": finished, "directory": str(directory),
+                       "stages": {k: v.get("wall_s") for k, v in state.data["stages"].items()}, **report}
+    summary.write(directory / "summary.json", status="finished" if finished else "partial")
+    outcome = WorkflowOutcome(directory, tuple(strategies), finished,
+                              directory / report["report_json"] if report else None,
+                              directory / report["report_html"] if report else None, wall)
+    if log and outcome.report_html:
+        log(f"done in {wall:.0f} s; report: {outcome.report_html}")
+    return outcome
+
+
+def _record_config(state: WorkflowState, config: WorkflowConfig, strategies: Sequence[str]) -> None:
+    """Keep the resolved configuration beside the state (what the stages were run with)."""
+    import yaml
+
+    values = config.to_dict()
+    path = state.root / CONFIG_FILE
+    atomic_write_text(path, yaml.safe_dump({"strategies": list(strategies), **values}, sort_keys=False))
+    previous = state.data.get("profile")
+    if previous and previous != config.profile:
+        raise StateError(f"{state.root} holds a workflow of profile {previous}; this one is {config.profile}. "
+                         "Choose another directory")
+    if not previous:
+        state.data["profile"] = config.profile
+        state.save()
+
+
+def counts(directory: str | Path) -> dict[str, Any]:
+    """Labeller and trainer calls recorded in a workflow directory (for restart checks):
+    per label stage, how often each frame was attempted (from the labeller's own per-frame
+    records) and which frames each call labelled; per fine-tune, how many training runs started
+    and how many trainings completed."""
+    from ..label import attempts
+
+    directory = Path(directory)
+    state = json.loads((directory / "state.json").read_text())
+    out: dict[str, Any] = {"label_attempts": {}, "labelled_by_call": {}, "training_runs": {}, "trainings_finished": {}}
+    for name in state["stages"]:
+        work = directory / name / "work"
+        if name.endswith("/label") and work.is_dir():
+            frames = sorted(p for p in work.glob("frame_*") if p.is_dir())
+            out["label_attempts"][name] = [attempts(work, int(p.name.split("_")[1])) for p in frames]
+        log = directory / name / "model" / "mace" / "umlipft-train.log"
+        if log.is_file():
+            out["training_runs"][name] = sum(1 for line in log.read_text().splitlines() if line.startswith("$ "))
+    journal = directory / "journal.jsonl"
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            event = json.loads(line)
+            if event["event"] == "label_call":
+                out["labelled_by_call"].setdefault(event["stage"], []).append(event["labelled"])
+            elif event["event"] == "finetune_return" and not event["skipped"]:
+                out["trainings_finished"][event["stage"]] = out["trainings_finished"].get(event["stage"], 0) + 1
+    return out

@@ -1,0 +1,164 @@
+"""The state of a workflow directory: which stages finished, with which inputs, with what result.
+
+``state.json`` maps every stage (``periodic/seg-01/label``, ...) to the fingerprint of its
+inputs (its settings and the fingerprints of the stages it reads), its status and its result.
+A stage runs in its own folder ``DIR/<stage>``; the libraries it calls resume their own partial
+work there (LAMMPS restart files, per-frame label directories). So a rerun after ``kill -9``:
+
+- skips every finished stage whose inputs are unchanged (no relabelling, no retraining);
+- refuses, naming the stage and the changed settings, when the inputs of a finished stage
+  changed, unless ``--from STAGE`` asks to redo that stage and everything after it;
+- resumes an unfinished stage with unchanged inputs, and starts an unfinished stage whose
+  inputs changed afresh (its folder holds work for other inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import StateError
+from ..io import atomic_write_text
+
+STATE_FILE = "state.json"
+JOURNAL_FILE = "journal.jsonl"
+FORMAT_VERSION = 1
+
+
+def fingerprint(inputs: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+class WorkflowState:
+    """Stages of one workflow directory, persisted atomically after every change."""
+
+    def __init__(self, root: str | Path, *, from_stage: str | None = None, until: str | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / STATE_FILE
+        self.log = log or (lambda message: None)
+        self.until = until
+        self.reached_until = False
+        if self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+            if self.data.get("format_version") != FORMAT_VERSION:
+                raise StateError(f"{self.path} was written by another version of umlipft workflows")
+        else:
+            self.data = {"format_version": FORMAT_VERSION, "stages": {}, "order": []}
+        if from_stage:
+            self.reset_from(from_stage)
+
+    # ----------------------------------------------------------------------------------------
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+
+    def journal(self, event: str, **fields: Any) -> None:
+        """Append one line to ``journal.jsonl``: what ran (used to count labeller/trainer calls)."""
+        line = json.dumps({"time": time.time(), "event": event, **fields}, default=str)
+        with open(self.root / JOURNAL_FILE, "a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def done(self, name: str) -> bool:
+        entry = self.data["stages"].get(name)
+        return bool(entry and entry.get("status") == "done")
+
+    def result(self, name: str) -> dict[str, Any]:
+        entry = self.data["stages"].get(name)
+        if not entry or entry.get("status") != "done":
+            raise StateError(f"stage {name} has not finished")
+        return entry["result"]
+
+    def fingerprint_of(self, name: str) -> str:
+        return self.data["stages"][name]["fingerprint"]
+
+    def reset_from(self, name: str) -> None:
+        order: list[str] = self.data["order"]
+        matches = [s for s in order if s == name or s.startswith(name.rstrip("/") + "/")]
+        if not matches:
+            known = ", ".join(order) or "none yet"
+            raise StateError(f"--from {name}: no such stage in {self.path} (stages: {known})")
+        first = order.index(matches[0])
+        for stage in order[first:]:
+            self.data["stages"].pop(stage, None)
+            folder = self.stage_dir(stage)
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        self.data["order"] = order[:first]
+        self.save()
+        self.journal("reset", stage=name, removed=order[first:])
+        self.log(f"--from {name}: removed {len(order) - first} stage(s), they run again")
+
+    # ----------------------------------------------------------------------------------------
+    def run(self, name: str, inputs: Mapping[str, Any], func: Callable[[Path], dict[str, Any]],
+            deps: Sequence[str] = ()) -> dict[str, Any]:
+        """Run stage ``name`` (or return its stored result); ``inputs`` are its settings."""
+        if self.reached_until:
+            raise _Stop()
+        full = {"inputs": dict(inputs), "deps": {d: self.fingerprint_of(d) for d in deps}}
+        fp = fingerprint(full)
+        entry = self.data["stages"].get(name)
+        folder = self.stage_dir(name)
+        if entry is not None and entry.get("fingerprint") != fp:
+            if entry.get("status") == "done":
+                raise StateError(self._changed_message(name, entry, full))
+            self.log(f"{name}: inputs changed since the interrupted attempt; starting it afresh")
+            if folder.is_dir():
+                shutil.rmtree(folder)
+            entry = None
+        if entry is not None and entry.get("status") == "done":
+            return entry["result"]
+        folder.mkdir(parents=True, exist_ok=True)
+        self.data["stages"][name] = {"fingerprint": fp, "inputs": full, "status": "running",
+                                     "attempts": (entry or {}).get("attempts", 0) + 1}
+        if name not in self.data["order"]:
+            self.data["order"].append(name)
+        self.save()
+        self.log(f"{name}: running" + (" (resuming)" if entry else ""))
+        t0 = time.perf_counter()
+        result = func(folder)
+        wall = time.perf_counter() - t0
+        self.data["stages"][name].update({"status": "done", "result": result, "wall_s": round(wall, 3)})
+        self.save()
+        self.journal("stage_done", stage=name, wall_s=wall)
+        if self.until and (name == self.until or name.startswith(self.until.rstrip("/") + "/")):
+            self.reached_until = True
+        return result
+
+    def _changed_message(self, name: str, entry: Mapping[str, Any], full: Mapping[str, Any]) -> str:
+        old = _flatten(entry.get("inputs", {}))
+        new = _flatten(full)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        detail = ", ".join(c.removeprefix("inputs.") for c in changed[:8]) or "inputs"
+        return (f"stage {name} finished with other settings (changed: {detail}). Rerun with the "
+                f"original configuration to go on, or redo it and everything after it with "
+                f"--from {name} (or choose a new workflow directory)")
+
+
+class _Stop(Exception):
+    """Raised to stop after the stage named by ``--until``."""
