@@ -7,7 +7,6 @@ later run (or another program) computes exactly the same features for new frames
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
 
@@ -153,7 +152,9 @@ class MaceDescriptor:
 
         settings.validate()
         path = resolve_foundation_model(settings.model)
-        digest = _sha256(path)
+        from ..io import sha256_file
+
+        digest = sha256_file(path)
         if settings.model_sha256 and settings.model_sha256 != digest:
             raise InputError(
                 f"model {path} is not the model this PCA was fitted with (sha256 {digest[:12]}... "
@@ -253,11 +254,3 @@ def make_descriptor(kind: str, frames: "Sequence[Atoms]" = (), model: str | None
         values = {k: v for k, v in overrides.items() if v is not None}
         return MaceDescriptor(MaceSettings.from_dict({"model": str(model), **values}, source="MACE settings"))
     raise InputError(f"unknown descriptor {kind!r}; choose soap or mace")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,12 +8,12 @@ copy where mace-torch itself would look, and every umlipft command resolves name
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from ..errors import InputError
+from ..io import sha256_file
 
 # Release file names of the MACE-MP family, as mace-torch 0.3.16 names its download targets.
 FOUNDATION_NAMES: dict[str, str] = {
@@ -79,7 +79,7 @@ def add_foundation_model(path: str | Path, name: str) -> Path:
     del model
     target = cached_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_file() and _sha256(target) == _sha256(path):
+    if target.is_file() and sha256_file(target) == sha256_file(path):
         return target
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.copyfile(path, tmp)
@@ -113,11 +113,3 @@ def _torch_dtype(dtype: str):
         return {"float32": torch.float32, "float64": torch.float64}[dtype]
     except KeyError:
         raise InputError(f"dtype must be float32 or float64, got {dtype!r}") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
