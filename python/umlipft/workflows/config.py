@@ -318,4 +318,18 @@ def load_workflow_config(path: str | Path | None = None, profile: str | None = N
         raise ConfigError(f"{source} says profile: {values['profile']} but --profile {profile} was given")
     merged = _merge(_merge(PROFILE_DEFAULTS[name], values), overrides or {})
     merged["profile"] = name
+    _check_sections(WorkflowConfig, merged, source)
     return WorkflowConfig.from_dict(merged, source=source)
+
+
+def _check_sections(cls: type[DriverConfig], values: Mapping[str, Any], source: str) -> None:
+    """Build every nested section on its own first, so that an error names the section and the
+    key (the generic conversion would only say the section is malformed)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if isinstance(hint, type) and issubclass(hint, DriverConfig) and isinstance(value, Mapping):
+            _check_sections(hint, value, f"{source}: {key}")
+            hint.from_dict(value, source=f"{source}: {key}")
