@@ -201,7 +201,7 @@ def time_bare(atoms, model_pt: Path, steps: int) -> float:
     meta = read_export_metadata(model_pt)
     dtype = {"float32": torch.float32, "float64": torch.float64}[meta["dtype"]]
     module = torch.jit.load(str(model_pt), map_location="cpu")
-    torch._C._jit_set_graph_executor_optimize(False)  # as the plugin runs it
+    torch._C._set_graph_executor_optimize(False)  # as the plugin runs it
     z_index = {z: k for k, z in enumerate(meta["atomic_numbers"])}
     edge_index, shifts = owned_graph(atoms, meta["r_max"])
     positions = torch.tensor(atoms.get_positions(), dtype=dtype)

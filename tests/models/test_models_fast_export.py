@@ -96,7 +96,7 @@ def test_fused_convolution_equals_e3nn_tensor_product_and_scatter(small_model_pa
 
 
 def test_restricted_and_fused_model_equals_full_model(small_model_path):
-    from umlipft.models.fast import fuse_interactions, max_deviation, restrict_elements
+    from umlipft.models.fast import fuse_interactions, fuse_products, max_deviation, restrict_elements
     from umlipft.models.foundation import load_mace_model
     from umlipft.models.lammps_module import MACEEdgeGradientModel
 
@@ -106,9 +106,32 @@ def test_restricted_and_fused_model_equals_full_model(small_model_path):
     assert [int(z) for z in fast.atomic_numbers] == zs
     assert fast.products[0].symmetric_contractions.contractions[0].weights[0].shape[0] == 5
     assert fuse_interactions(fast) == 2
+    assert fuse_products(fast) == 2
     e_dev, g_dev = max_deviation(MACEEdgeGradientModel(model, 0), MACEEdgeGradientModel(fast, 0),
                                  [int(z) for z in model.atomic_numbers], zs, 6.0, torch.float64)
     assert e_dev < 1e-10 and g_dev < 1e-10
+
+
+def test_fused_symmetric_contraction_equals_mace_for_l1_output():
+    """A product block with 0e+1o outputs (as in MACE-MP-0 medium's first layer)."""
+    from e3nn import o3
+    from mace.modules.symmetric_contraction import SymmetricContraction
+
+    from umlipft.models.fast import FusedSymmetricContraction
+
+    torch.set_default_dtype(torch.float64)
+    sc = SymmetricContraction(o3.Irreps("8x0e+8x1o+8x2e"), o3.Irreps("8x0e+8x1o"), correlation=3,
+                              num_elements=3)
+    fused = torch.jit.script(FusedSymmetricContraction(sc))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 8, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.one_hot(torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1, 0]), 3).double()
+    expected = sc(x, y)
+    got = fused(x, y)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    g_expected, = torch.autograd.grad(expected.pow(2).sum(), x)
+    g_got, = torch.autograd.grad(got.pow(2).sum(), x)
+    torch.testing.assert_close(g_got, g_expected, rtol=0, atol=1e-11)
 
 
 def test_config_flags():
@@ -142,6 +165,7 @@ def test_metadata_of_optimised_export(exports):
     meta = read_export_metadata(exports("float64", True))
     assert meta["atomic_numbers"] == [1, 3, 8, 17, 27]
     assert meta["optimized"] and meta["elements_restricted"] and meta["fused_interactions"] == 2
+    assert meta["fused_products"] == 2
     assert meta["check_max_edge_gradient_dev"] < 1e-9
     assert meta["model_class"] == "ScaleShiftMACE"
     assert not read_export_metadata(exports("float64", False))["optimized"]

@@ -123,7 +123,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
     import torch
     from ase.data import atomic_numbers as symbol_to_z
 
-    from .fast import fuse_interactions, max_deviation, restrict_elements
+    from .fast import fuse_interactions, fuse_products, max_deviation, restrict_elements
     from .foundation import load_mace_model
     from .lammps_module import MACEEdgeGradientModel
 
@@ -144,6 +144,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
             except InputError as err:
                 warnings.warn(f"exporting all elements: {err}")
     fused = fuse_interactions(work)
+    fused_products = fuse_products(work)
     work = work.to(dtype).eval()
     wrapper = MACEEdgeGradientModel(work, head_index).eval()
     numbers = [int(z) for z in work.atomic_numbers]
@@ -160,6 +161,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
         "optimized": True,
         "elements_restricted": restricted,
         "fused_interactions": fused,
+        "fused_products": fused_products,
         "check_max_node_energy_dev": energy_dev,
         "check_max_edge_gradient_dev": gradient_dev,
     }

@@ -137,18 +137,21 @@ class FusedScalarConv(torch.nn.Module):
         slot = torch.arange(num_edges, device=receiver.device) - offsets.index_select(0, recv_sorted)
         # Grid position of every edge in its original order (no permutation of edge tensors).
         flat = torch.empty_like(order).index_copy_(0, order, recv_sorted * K + slot)
-        hp = torch.zeros(num_nodes * K, P * C, dtype=h.dtype, device=h.device).index_copy(
+        # In place into fresh zeros: no extra copy of the padded tensors.
+        hp = torch.zeros(num_nodes * K, P * C, dtype=h.dtype, device=h.device).index_copy_(
             0, flat, h.reshape(num_edges, P * C)).view(num_nodes, K, P * C)
-        yp = torch.zeros(num_nodes * K, self.sh_dim, dtype=y.dtype, device=y.device).index_copy(
+        yp = torch.zeros(num_nodes * K, self.sh_dim, dtype=y.dtype, device=y.device).index_copy_(
             0, flat, y).view(num_nodes, K, self.sh_dim)
-        # [nodes, sh_dim, P*C]: every (Y row, path) pair; only the diagonal blocks are kept.
-        full = torch.bmm(yp.transpose(1, 2), hp)
+        # Per path: [nodes, d, K] @ [nodes, K, C] on strided views. unbind (not slicing) keeps
+        # the backward to one stacked gradient instead of one zero-filled copy per path.
+        yt = yp.transpose(1, 2)
+        h_paths = torch.unbind(hp.view(num_nodes, K, P, C), dim=2)
         blocks: List[torch.Tensor] = []
         for k in range(P):
             s = self.path_sh_start[k]
             d = self.path_sh_dim[k]
             b = self.path_weight_block[k]
-            block = full[:, s:s + d, b * C:(b + 1) * C]          # [nodes, d, C]
+            block = torch.bmm(yt[:, s:s + d, :], h_paths[b])                   # [nodes, d, C]
             blocks.append(block.transpose(1, 2).reshape(num_nodes, C * d))
         return torch.cat(blocks, dim=1)
 
@@ -221,6 +224,141 @@ def scalar_conv_spec(conv_tp: torch.nn.Module) -> Dict | None:
             return None
         start += channels * p["sh_dim"]
     return {"channels": channels, "paths": paths, "sh_dim": irreps_in2.dim, "out_dim": irreps_out.dim}
+
+
+# ----------------------------------------------------------------------------- product basis
+
+# Largest per-element product tensor (entries, all elements) precomputed for one contraction.
+MAX_PRODUCT_TENSOR = 1 << 24
+
+
+@compile_mode("script")
+class FusedSymmetricContraction(torch.nn.Module):
+    """mace-torch's SymmetricContraction for one-hot element attributes, per element group.
+
+    mace-torch contracts U_nu (the coupling tensors) with the weights of every element and the
+    one-hot attributes on every call, materialising [nodes, channels, ell^correlation] tensors.
+    Here T_nu[e] = sum_k U_nu[..., k] W_nu[e, k, :] is folded once at export time (constants),
+    and the nodes of each element are contracted with their own T by batched matmuls:
+    out = ((T_3 x + T_2) x + T_1) x, the same recursion as mace-torch.
+    """
+
+    def __init__(self, symmetric_contraction: torch.nn.Module) -> None:
+        super().__init__()
+        self.num_ell: int = 0
+        self.channels: int = 0
+        self.num_elements: int = 0
+        self.out_dims: List[int] = []
+        self.correlations: List[int] = []
+        # T_nu[e] for every (contraction, nu), flattened side by side in one buffer per element
+        # (a buffer, so .to(dtype) converts it); offsets and row counts locate each one.
+        self.t_offsets: List[int] = []
+        self.t_rows: List[int] = []
+        tensors: List[torch.Tensor] = []
+        offset = 0
+        for contraction in symmetric_contraction.contractions:
+            corr = int(contraction.correlation)
+            u_max = contraction.U_tensors(corr)
+            weights = [contraction.weights_max] + list(contraction.weights)   # nu = corr, ..., 1
+            num_el, _, channels = weights[0].shape
+            num_ell = int(u_max.shape[-2])
+            dim_out = int(u_max.numel() // (num_ell ** corr * u_max.shape[-1]))
+            self.num_ell, self.channels, self.num_elements = num_ell, int(channels), int(num_el)
+            self.out_dims.append(dim_out)
+            self.correlations.append(corr)
+            for i, nu in enumerate(range(corr, 0, -1)):
+                u = contraction.U_tensors(nu).detach().double()
+                rows = dim_out * num_ell ** (nu - 1)
+                u = u.reshape(rows, num_ell, u.shape[-1])                       # [R, ell, k]
+                w = weights[i].detach().double()                                 # [e, k, c]
+                # T[e, c, ell, R]: the contracted (last) index first, as the right factor of bmm.
+                t = torch.einsum("rik,ekc->ecir", u, w).reshape(num_el, -1)
+                tensors.append(t)
+                self.t_offsets.append(offset)
+                self.t_rows.append(rows)
+                offset += t.shape[1]
+        self.register_buffer("packed", torch.cat(tensors, dim=1).to(torch.get_default_dtype()).contiguous())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        num_nodes = x.shape[0]
+        C = self.channels
+        L = self.num_ell
+        species = torch.argmax(y, dim=1)
+        packed = self.packed.to(x.dtype)
+        outs: List[torch.Tensor] = []
+        k0 = 0
+        for j in range(len(self.correlations)):
+            corr = self.correlations[j]
+            dim_out = self.out_dims[j]
+            result = torch.zeros(num_nodes, C * dim_out, dtype=x.dtype, device=x.device)
+            for e in range(self.num_elements):
+                index = torch.nonzero(species == e).squeeze(1)
+                n = index.shape[0]
+                if n == 0:
+                    continue
+                xe = x.index_select(0, index).transpose(0, 1)                   # [C, n, ell]
+                out = torch.zeros(0, dtype=x.dtype, device=x.device)
+                for i in range(corr):
+                    rows = self.t_rows[k0 + i]
+                    start = self.t_offsets[k0 + i]
+                    t = packed[e, start:start + C * L * rows].view(C, L, rows)  # [C, ell, R]
+                    if i == 0:
+                        out = torch.bmm(xe, t)                                   # [C, n, R]
+                    else:
+                        c_tensor = out + t.transpose(1, 2).reshape(C, 1, rows * L)
+                        out = (c_tensor.view(C, n, rows, L) * xe.unsqueeze(2)).sum(-1)
+                # out: [C, n, dim_out] -> [n, C * dim_out] (channel-major, as e3nn)
+                result = result.index_copy(0, index, out.transpose(0, 1).reshape(n, C * dim_out))
+            outs.append(result)
+            k0 += corr
+        return torch.cat(outs, dim=-1)
+
+
+def fuse_products(model: torch.nn.Module) -> int:
+    """Swap eligible SymmetricContractions for FusedSymmetricContraction; in place."""
+    fused = 0
+    for product in getattr(model, "products", []):
+        sc = getattr(product, "symmetric_contractions", None)
+        if sc is None or type(sc).__name__ != "SymmetricContraction":
+            continue
+        try:
+            contractions = list(sc.contractions)
+            sizes = []
+            for c in contractions:
+                corr = int(c.correlation)
+                sizes.append(c.weights_max.shape[0] * c.weights_max.shape[2]
+                             * c.U_tensors(corr).numel() // c.U_tensors(corr).shape[-1])
+        except (AttributeError, TypeError):
+            continue
+        if max(sizes) > MAX_PRODUCT_TENSOR:
+            continue
+        dtype = sc.contractions[0].weights_max.dtype
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            fast = FusedSymmetricContraction(sc)
+        finally:
+            torch.set_default_dtype(previous)
+        if not _same_contraction(sc, fast):
+            continue
+        product.symmetric_contractions = fast
+        fused += 1
+    return fused
+
+
+def _same_contraction(original: torch.nn.Module, fast: torch.nn.Module) -> bool:
+    """Both modules agree on random features and one-hot attributes (float64 probe)."""
+    reference = copy.deepcopy(original).double()
+    candidate = copy.deepcopy(fast).double()
+    gen = torch.Generator().manual_seed(5)
+    nodes = 3 * fast.num_elements + 1
+    x = torch.randn(nodes, fast.channels, fast.num_ell, generator=gen, dtype=torch.float64)
+    species = torch.arange(nodes) % fast.num_elements
+    y = torch.nn.functional.one_hot(species, fast.num_elements).double()
+    expected = reference(x, y)
+    got = candidate(x, y)
+    scale = float(expected.abs().max()) + 1e-300
+    return got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-12 * scale
 
 
 def fuse_interactions(model: torch.nn.Module) -> int:
