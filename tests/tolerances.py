@@ -37,3 +37,15 @@ PCA_RANDOMIZED_REL = 1e-4
 # (e.g. kept instead of discarded, or a missing mean term) misses by factors, not percents.
 CONTROL_LIMIT_REL = 0.25
 CONTROL_LIMIT_BINOMIAL_SIGMAS = 4.0
+# --- workflows (issue 5) ---
+# Continuing a trajectory: LAMMPS writes the final data file and the dump at full precision
+# (%.12g / write_data's %g of 16 digits); positions are compared modulo the cell after
+# write_data wrapped them, velocities directly (Å/fs in ASE units, ~1e-2 at 300 K).
+WORKFLOW_CONTINUITY_POSITION_A = 1e-6
+WORKFLOW_CONTINUITY_VELOCITY = 1e-8
+# A killed and resumed workflow against an uninterrupted one: the same seeds, the same
+# single-threaded LAMMPS and a training restarted from epoch 0 give the same numbers up to the
+# reduction order of multi-threaded xTB and torch (~1e-12 relative), which a few dozen MD steps
+# cannot amplify to 1e-6; a redone label, a resumed (not restarted) training or another seed
+# changes the residuals in the first or second digit.
+WORKFLOW_REPORT_ABS = 1e-6

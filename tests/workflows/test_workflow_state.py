@@ -97,7 +97,7 @@ def test_profiles_examples_and_config_errors(tmp_path: Path) -> None:
 def test_slurm_scripts_chain_every_stage(tmp_path: Path) -> None:
     config = load_workflow_config(EXAMPLES / "workflow-study.yaml")
     plan = stage_plan(("naive", "periodic"), config, judge=True)
-    assert plan[0] == ("start", "start") and plan[-1] == ("judge", "report")
+    assert plan[0] == ("start", "start") and plan[-1] == ("judge", "report-naive-periodic")
     assert ("naive-md", "naive/md") in plan and ("periodic-ft-05", "periodic/ft-05") in plan
     submit = write_slurm_scripts("compare", ("naive", "periodic"), config, tmp_path / "wf", config_path=None)
     scripts = sorted((tmp_path / "wf" / "slurm").glob("*.sbatch"))

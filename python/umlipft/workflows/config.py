@@ -140,6 +140,16 @@ class EvaluationSettings(DriverConfig):
     long_label_every: int = 200_000
     seed: int = 777
     dtype: str = "float64"
+    # The universal model's energies are on its training data's scale (PBE/PBE+U of the Materials
+    # Project); reference labels from another theory (xTB, another functional or code) differ by
+    # a constant per atom for one composition. "auto": for xtb labels, U's residuals are shown
+    # after removing its mean residual on the strategies' training frames (what the fine-tunes'
+    # E0 estimate does), reported as ``universal_offset_meV_per_atom``; "yes"/"no" force it.
+    align_universal_energy: str = "auto"
+
+    def validate(self) -> None:
+        if self.align_universal_energy not in ("auto", "yes", "no"):
+            raise ConfigError("evaluation.align_universal_energy must be auto, yes or no")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..io import atomic_write_text
 from .config import WorkflowConfig
-from .stages import absolute, elements_of, extract_stage, label_stage, md_stage, rel
+from .stages import absolute, elements_of, export_stage, extract_stage, label_stage, md_stage, rel
 from .state import WorkflowState
 from .strategies import ModelInfo, StrategyResult, _pca_for
 
@@ -40,7 +40,7 @@ def _models(results: Mapping[str, StrategyResult]) -> list[ModelInfo]:
 def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, StrategyResult]) -> dict[str, Any]:
     ev = config.evaluation
     md = config.md
-    start0 = state.result("start")["structures"][0]
+    start0 = state.result("start/00")["structure"]
     elements = elements_of(absolute(state, start0))
     dump_ps = md.dump_every * md.timestep_fs / 1000.0
     test_ps = ev.test_steps * md.timestep_fs / 1000.0
@@ -50,10 +50,11 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
         base = f"eval/sc/{m.name}"
         if not ev.self_consistent and not (ev.long_runs and _is_final(m, results)):
             continue
-        run = md_stage(state, config, f"{base}/md", model=m.lammps_model or config.foundation, steps=ev.test_steps,
-                       seed=ev.seed, structures=[start0], deps=["start"] + ([m.stage] if m.stage else []),
+        lammps = m.lammps_model or export_stage(state, config, m.name, config.foundation, elements)
+        run = md_stage(state, config, f"{base}/md", model=lammps, steps=ev.test_steps,
+                       seed=ev.seed, structures=[start0], deps=["start/00", f"export/{m.name}"],
                        elements=elements)
-        entry: dict[str, Any] = {"md": run}
+        entry: dict[str, Any] = {"md": run, "lammps": lammps}
         deps.append(f"{base}/md")
         if ev.self_consistent:
             ex = extract_stage(state, config, f"{base}/extract", trajectory=run["trajectories"][0],
@@ -70,7 +71,7 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
             base = f"eval/long/{m.name}"
             if m.name in long:
                 continue
-            run = md_stage(state, config, f"{base}/md", model=m.lammps_model or config.foundation,
+            run = md_stage(state, config, f"{base}/md", model=sc[m.name]["lammps"],
                            steps=ev.long_steps, seed=ev.seed, continue_from=sc[m.name]["md"]["directories"][0],
                            deps=[f"eval/sc/{m.name}/md"], elements=elements)
             every_ps = ev.long_label_every * md.timestep_fs / 1000.0
@@ -83,8 +84,14 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
     strategy_stages = [m.stage for r in results.values() for m in r.models if m.stage]
     inputs = {"strategies": sorted(results), "analysis": config.analysis.to_dict(),
               "evaluation": ev.to_dict(), "dump_ps": dump_ps}
-    return state.run("report", inputs, lambda folder: _analyse(state, config, results, sc, long, folder),
+    return state.run(report_stage(results), inputs, lambda folder: _analyse(state, config, results, sc, long, folder),
                      deps=deps + strategy_stages)
+
+
+def report_stage(results: Mapping[str, StrategyResult]) -> str:
+    """``report-periodic``, ``report-naive-periodic``, ...: one report per set of strategies, so
+    that a comparison can reuse the stages of single-strategy runs in the same directory."""
+    return "report-" + "-".join(results)
 
 
 def _is_final(m: ModelInfo, results: Mapping[str, StrategyResult]) -> bool:
@@ -100,7 +107,10 @@ def _analyse(state: WorkflowState, config: WorkflowConfig, results: Mapping[str,
     figures = folder / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"strategies": {k: v.to_dict() for k, v in results.items()}}
-    report["self_consistent"] = _self_consistent(state, results, sc, figures, save_figure)
+    offset = _universal_offset(state, config, results)
+    if offset is not None:
+        report["universal_offset_meV_per_atom"] = offset
+    report["self_consistent"] = _self_consistent(state, results, sc, figures, save_figure, offset or 0.0)
     if long:
         report["long_runs"] = _long_runs(state, config, long, figures, save_figure)
     report["coverage"] = _coverage(state, config, results, figures, save_figure)
@@ -128,8 +138,25 @@ def _ft_summary(state: WorkflowState, m: ModelInfo) -> dict[str, Any]:
                                   "final_valid_rmse_f_meV_per_A", "e0_policy")}
 
 
+def _universal_offset(state: WorkflowState, config: WorkflowConfig,
+                      results: Mapping[str, StrategyResult]) -> float | None:
+    """Mean (E_U - E_ref)/N of the universal model on every labelled training frame, when its
+    energies must be aligned to the labels' scale (see EvaluationSettings.align_universal_energy)."""
+    mode = config.evaluation.align_universal_energy
+    if mode == "no" or (mode == "auto" and config.label.calculator != "xtb"):
+        return None
+    from ..evaluate import evaluate_model
+    from ..io import read_frames
+
+    frames = [f for r in results.values() for path in r.labelled for f in read_frames(absolute(state, path))]
+    if not frames:
+        return None
+    report = evaluate_model(config.foundation, frames, dtype=config.evaluation.dtype, model_name="U")
+    return report.summary.energy_residual_mean_meV_per_atom
+
+
 def _self_consistent(state: WorkflowState, results: Mapping[str, StrategyResult], sc: Mapping[str, Any],
-                     figures: Path, save_figure: Any) -> dict[str, Any]:
+                     figures: Path, save_figure: Any, offset: float = 0.0) -> dict[str, Any]:
     from ..analysis.plots import plot_residuals
     from ..evaluate import self_consistent_residual
 
@@ -139,10 +166,12 @@ def _self_consistent(state: WorkflowState, results: Mapping[str, StrategyResult]
             continue
         rep = self_consistent_residual(absolute(state, entry["md"]["thermo"][0]),
                                        absolute(state, entry["label"]["labelled"]))
-        out[name] = {"mean_meV_per_atom": rep.residual_mean_meV_per_atom,
-                     "rmse_meV_per_atom": rep.residual_rmse_meV_per_atom,
-                     "max_abs_meV_per_atom": rep.residual_max_abs_meV_per_atom,
-                     "residuals_meV_per_atom": [r.residual_meV_per_atom for r in rep.per_frame],
+        shift = offset if name == "U" else 0.0
+        residuals = np.array([r.residual_meV_per_atom for r in rep.per_frame]) - shift
+        out[name] = {"mean_meV_per_atom": float(residuals.mean()),
+                     "rmse_meV_per_atom": float(np.sqrt(np.mean(residuals**2))),
+                     "max_abs_meV_per_atom": float(np.abs(residuals).max()),
+                     "residuals_meV_per_atom": residuals.tolist(), "aligned_by_meV_per_atom": shift,
                      "steps": [r.step for r in rep.per_frame], "n_frames": rep.n_frames}
     if not out:
         return out

@@ -20,7 +20,7 @@ from .config import WorkflowConfig
 
 def stage_plan(strategies: Sequence[str], config: WorkflowConfig, judge: bool) -> list[tuple[str, str]]:
     """(job name, last stage of the job) in execution order; stages are deterministic from the config."""
-    plan: list[tuple[str, str]] = [("start", "start")]
+    plan: list[tuple[str, str]] = [("start", "start")]  # --until start: every start structure
     n = config.iterations
     for strategy in strategies:
         if strategy in ("periodic", "control", "adaptive"):
@@ -36,7 +36,7 @@ def stage_plan(strategies: Sequence[str], config: WorkflowConfig, judge: bool) -
             for size in config.subsets():
                 plan.append((f"naive-ft-{size:03d}", f"naive/ft-{size:03d}"))
     if judge:
-        plan.append(("judge", "report"))
+        plan.append(("judge", "report-" + "-".join(strategies)))
     return plan
 
 
@@ -83,7 +83,7 @@ def write_slurm_scripts(command: str, strategies: Sequence[str], config: Workflo
         if mpi:
             # The workflow writes the ensemble's MD config (same settings it would run itself),
             # the K replicas run as one MPI job, then the workflow records the finished run.
-            lines.append(" ".join(shlex.quote(a) for a in base + ["--until", "start"]))
+            lines.append(" ".join(shlex.quote(a) for a in base + ["--until", "export/U"]))
             lines.append(f"python -m umlipft.workflows.slurm {shlex.quote(str(cfg_file))} "
                          f"{shlex.quote(str(directory))}")
             launcher = "srun" if s.mpiexec == "srun" else f"{s.mpiexec} -n {ranks}"
@@ -113,11 +113,12 @@ def write_naive_md_config(config: WorkflowConfig, directory: str | Path) -> Path
     from .state import WorkflowState
 
     state = WorkflowState(directory)
-    start = state.result("start")
-    elements = elements_of(state.root / start["structures"][0])
+    structures = [state.result(f"start/{k:02d}")["structure"] for k in range(config.iterations)]
+    elements = elements_of(state.root / structures[0])
     folder = state.stage_dir("naive/md")
-    cfg = md_config(state, config, folder, model=config.foundation, steps=config.md.segment_steps,
-                    seed=config.md.seed, structures=start["structures"], elements=elements)
+    model = state.result("export/U")["lammps_model"]
+    cfg = md_config(state, config, folder, model=model, steps=config.md.segment_steps,
+                    seed=config.md.seed, structures=structures, elements=elements)
     target = folder / "md.yaml"
     atomic_write_text(target, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return target

@@ -29,36 +29,39 @@ def absolute(state: WorkflowState, path: str) -> Path:
 
 # ------------------------------------------------------------------------------------------- start
 def start_stage(state: WorkflowState, config: WorkflowConfig, count: int) -> dict[str, Any]:
-    """``count`` start structures: the given files, then Packmol boxes with seeds seed + k."""
+    """``count`` start structures, one stage each (``start/00`` ...): the given files, then
+    Packmol boxes with seeds ``seed + k``. Structure 0 is the common start of every strategy."""
     sys_cfg = config.system
-    inputs: dict[str, Any] = {"system": sys_cfg.to_dict(), "count": count}
-    for k, path in enumerate(sys_cfg.structures[:count]):
-        if not Path(path).is_file():
-            raise InputError(f"system.structures[{k}]: {path} does not exist")
-        inputs[f"structure_{k}_sha256"] = file_sha256(path)
+    paths, stages = [], []
+    for k in range(count):
+        name = f"start/{k:02d}"
+        given = sys_cfg.structures[k] if k < len(sys_cfg.structures) else None
+        inputs: dict[str, Any] = {"index": k}
+        if given is not None:
+            if not Path(given).is_file():
+                raise InputError(f"system.structures[{k}]: {given} does not exist")
+            inputs["structure_sha256"] = file_sha256(given)
+        else:
+            inputs["build"] = {key: v for key, v in sys_cfg.to_dict().items() if key != "structures"}
 
-    def run(folder: Path) -> dict[str, Any]:
-        from ..build import BuildConfig, build_system
-        from ..io import write_frames
-        from ..md.run import read_start_structure
+        def run(folder: Path, k: int = k, given: str | None = given) -> dict[str, Any]:
+            from ..build import BuildConfig, build_system
+            from ..io import write_frames
+            from ..md.run import read_start_structure
 
-        paths = []
-        for k in range(count):
-            target = folder / f"start-{k:02d}.extxyz"
-            if not target.is_file():
-                if k < len(sys_cfg.structures):
-                    atoms = read_start_structure(sys_cfg.structures[k])
-                else:
-                    build = BuildConfig(system=sys_cfg.system, n_water=sys_cfg.n_water, n_licl=sys_cfg.n_licl,
-                                        n_cocl2=sys_cfg.n_cocl2, n_choline_chloride=sys_cfg.n_choline_chloride,
-                                        n_citric_acid=sys_cfg.n_citric_acid, density_g_cm3=sys_cfg.density_g_cm3,
-                                        seed=sys_cfg.seed + k)
-                    atoms = build_system(build)
-                write_frames(target, [atoms])
-            paths.append(rel(state, target))
-        return {"structures": paths, "sha256": [file_sha256(absolute(state, p)) for p in paths]}
+            if given is not None:
+                atoms = read_start_structure(given)
+            else:
+                atoms = build_system(BuildConfig(
+                    system=sys_cfg.system, n_water=sys_cfg.n_water, n_licl=sys_cfg.n_licl, n_cocl2=sys_cfg.n_cocl2,
+                    n_choline_chloride=sys_cfg.n_choline_chloride, n_citric_acid=sys_cfg.n_citric_acid,
+                    density_g_cm3=sys_cfg.density_g_cm3, seed=sys_cfg.seed + k))
+            target = write_frames(folder / "start.extxyz", [atoms])
+            return {"structure": rel(state, target), "sha256": file_sha256(target)}
 
-    return state.run("start", inputs, run)
+        paths.append(state.run(name, inputs, run)["structure"])
+        stages.append(name)
+    return {"structures": paths, "stages": stages}
 
 
 def elements_of(path: Path) -> tuple[str, ...]:
@@ -127,6 +130,26 @@ def model_hash(state: WorkflowState, model: str) -> str:
         return file_sha256(resolve_foundation_model(model))
     except InputError:
         return model  # resolved (and its absence reported) when the run starts
+
+
+# ------------------------------------------------------------------------------------------ export
+def export_stage(state: WorkflowState, config: WorkflowConfig, model_name: str, model: str,
+                 elements: Sequence[str], deps: Sequence[str] = ()) -> str:
+    """The LAMMPS export of a model for the system's elements (``umlipft export --elements``:
+    element-restricted and fused, checked against mace-torch), made once and shared by every
+    MD run of that model. Returns its path relative to the workflow directory."""
+    dtype = config.md.dtype
+    inputs = {"model": model, "model_sha256": model_hash(state, model), "dtype": dtype, "elements": list(elements)}
+
+    def run(folder: Path) -> dict[str, Any]:
+        from ..models.export import ExportConfig, export_lammps_model
+
+        source = str(absolute(state, model)) if (state.root / model).is_file() else model
+        out = export_lammps_model(ExportConfig(model=source, output=str(folder / f"{model_name}-lammps-{dtype}.pt"),
+                                               dtype=dtype, elements=tuple(elements)))
+        return {"lammps_model": rel(state, out), "sha256": file_sha256(out)}
+
+    return state.run(f"export/{model_name}", inputs, run, deps=deps)["lammps_model"]
 
 
 # ----------------------------------------------------------------------------------------- extract
@@ -198,12 +221,13 @@ def label_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, fram
 def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model_name: str,
                    train: Sequence["Atoms"] | Sequence[str], start_model: str,
                    deps: Sequence[str] = ()) -> dict[str, Any]:
-    """Fine-tune ``start_model`` on the labelled frames ``train`` (files relative to the root)."""
+    """Fine-tune ``start_model`` on the labelled frames ``train`` (files relative to the root);
+    the LAMMPS export follows in its own stage (:func:`export_stage`)."""
     ft = config.finetune
     files = [str(t) for t in train]
     inputs = {"model_name": model_name, "train": files, "start_model": start_model,
               "start_model_sha256": model_hash(state, start_model),
-              "finetune": ft.to_dict(), "export_dtype": config.md.dtype}
+              "finetune": ft.to_dict()}
 
     def run(folder: Path) -> dict[str, Any]:
         from ..finetune import FinetuneConfig, finetune
@@ -223,15 +247,13 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
             output_dir=str(out), name=model_name, e0s=ft.e0s, epochs=ft.epochs, batch_size=ft.batch_size,
             lr=ft.lr, energy_weight=ft.energy_weight, forces_weight=ft.forces_weight,
             stress_weight=ft.stress_weight, new_frames_weight=ft.new_frames_weight,
-            valid_fraction=ft.valid_fraction, dtype=ft.dtype, export=True, export_dtype=config.md.dtype,
+            valid_fraction=ft.valid_fraction, dtype=ft.dtype, export=False, export_dtype=config.md.dtype,
             seed=ft.seed, device=ft.device)
         state.journal("finetune_call", stage=name)
         result = finetune(cfg)
         state.journal("finetune_return", stage=name, skipped=result.skipped,
                       epochs_run=len(result.epoch_times_s))
-        if result.lammps_model_path is None:
-            raise ExternalProgramError(f"{name}: the fine-tuned model was not exported")
-        return {"model": rel(state, result.model_path), "lammps_model": rel(state, result.lammps_model_path),
+        return {"model": rel(state, result.model_path),
                 "n_train": result.n_train, "n_valid": result.n_valid, "n_frames": len(frames),
                 "final_valid_rmse_e_meV_per_atom": result.final_valid_rmse_e_meV_per_atom,
                 "final_valid_rmse_f_meV_per_A": result.final_valid_rmse_f_meV_per_A,

@@ -118,7 +118,7 @@ class WorkflowState:
     def run(self, name: str, inputs: Mapping[str, Any], func: Callable[[Path], dict[str, Any]],
             deps: Sequence[str] = ()) -> dict[str, Any]:
         """Run stage ``name`` (or return its stored result); ``inputs`` are its settings."""
-        if self.reached_until:
+        if self.reached_until and not self._within_until(name):
             raise _Stop()
         full = {"inputs": dict(inputs), "deps": {d: self.fingerprint_of(d) for d in deps}}
         fp = fingerprint(full)
@@ -132,6 +132,8 @@ class WorkflowState:
                 shutil.rmtree(folder)
             entry = None
         if entry is not None and entry.get("status") == "done":
+            if self._within_until(name):
+                self.reached_until = True
             return entry["result"]
         folder.mkdir(parents=True, exist_ok=True)
         self.data["stages"][name] = {"fingerprint": fp, "inputs": full, "status": "running",
@@ -146,9 +148,13 @@ class WorkflowState:
         self.data["stages"][name].update({"status": "done", "result": result, "wall_s": round(wall, 3)})
         self.save()
         self.journal("stage_done", stage=name, wall_s=wall)
-        if self.until and (name == self.until or name.startswith(self.until.rstrip("/") + "/")):
+        if self._within_until(name):
             self.reached_until = True
         return result
+
+    def _within_until(self, name: str) -> bool:
+        """Whether ``name`` is the ``--until`` stage or inside that group (``start`` covers ``start/03``)."""
+        return bool(self.until) and (name == self.until or name.startswith(str(self.until).rstrip("/") + "/"))
 
     def _changed_message(self, name: str, entry: Mapping[str, Any], full: Mapping[str, Any]) -> str:
         old = _flatten(entry.get("inputs", {}))

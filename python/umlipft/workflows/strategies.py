@@ -12,8 +12,8 @@ from typing import Any
 
 from ..errors import InputError
 from .config import WorkflowConfig
-from .stages import (absolute, elements_of, extract_stage, finetune_stage, label_stage, md_stage, rel,
-                     start_stage)
+from .stages import (absolute, elements_of, export_stage, extract_stage, finetune_stage, label_stage, md_stage,
+                     rel, start_stage)
 from .state import WorkflowState, file_sha256
 
 UNIVERSAL = "U"
@@ -69,9 +69,9 @@ def run_periodic(state: WorkflowState, config: WorkflowConfig, *, strategy: str 
     models = [universal(config)]
     labelled: list[str] = []
     segments: list[dict[str, Any]] = []
-    md_model = config.foundation
+    md_model = export_stage(state, config, UNIVERSAL, config.foundation, elements)
     previous_md: str | None = None
-    deps_md = ["start"]
+    deps_md = start["stages"][:1] + [f"export/{UNIVERSAL}"]
     n_total = 0
     for i in range(config.iterations):
         seg = f"{strategy}/seg-{i:02d}"
@@ -96,10 +96,11 @@ def run_periodic(state: WorkflowState, config: WorkflowConfig, *, strategy: str 
             deps_ft.append(models[-1].stage)
         ft = finetune_stage(state, config, ft_stage, model_name=name, train=list(labelled),
                             start_model=_start_model(config, models), deps=deps_ft)
-        models.append(ModelInfo(name, ft["model"], ft["lammps_model"], tuple(labelled), ft["n_frames"], ft_stage))
+        lammps = export_stage(state, config, name, ft["model"], elements, deps=[ft_stage])
+        models.append(ModelInfo(name, ft["model"], lammps, tuple(labelled), ft["n_frames"], ft_stage))
         if feedback:
-            md_model = ft["lammps_model"]
-            deps_md = [f"{seg}/md", ft_stage]
+            md_model = lammps
+            deps_md = [f"{seg}/md", f"export/{name}"]
         else:
             deps_md = [f"{seg}/md"]
         previous_md = run["directories"][0]
@@ -120,8 +121,9 @@ def run_naive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult:
     start = start_stage(state, config, k)
     elements = elements_of(absolute(state, start["structures"][0]))
     md = config.md
-    run = md_stage(state, config, "naive/md", model=config.foundation, steps=md.segment_steps, seed=md.seed,
-                   structures=start["structures"], deps=["start"], elements=elements)
+    u_model = export_stage(state, config, UNIVERSAL, config.foundation, elements)
+    run = md_stage(state, config, "naive/md", model=u_model, steps=md.segment_steps, seed=md.seed,
+                   structures=start["structures"], deps=start["stages"] + [f"export/{UNIVERSAL}"], elements=elements)
     labelled: list[str] = []
     segments: list[dict[str, Any]] = []
     for j in range(k):
@@ -142,7 +144,8 @@ def run_naive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult:
         deps = ["naive/pool"] + ([models[-1].stage] if models[-1].stage and config.finetune.start_from == "previous" else [])
         ft = finetune_stage(state, config, ft_stage, model_name=f"N-{n}pts", train=[subset],
                             start_model=_start_model(config, models), deps=deps)
-        models.append(ModelInfo(f"N-{n}pts", ft["model"], ft["lammps_model"], (subset,), ft["n_frames"], ft_stage))
+        lammps = export_stage(state, config, f"N-{n}pts", ft["model"], elements, deps=[ft_stage])
+        models.append(ModelInfo(f"N-{n}pts", ft["model"], lammps, (subset,), ft["n_frames"], ft_stage))
     return StrategyResult("naive", models, segments, labelled)
 
 
@@ -187,9 +190,9 @@ def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult
     models = [universal(config)]
     labelled: list[str] = []
     segments: list[dict[str, Any]] = []
-    md_model = config.foundation
+    md_model = export_stage(state, config, UNIVERSAL, config.foundation, elements)
     previous_md: str | None = None
-    deps_md = ["start"]
+    deps_md = start["stages"][:1] + [f"export/{UNIVERSAL}"]
     time_ps = 0.0
     chunks_per_segment = md.segment_steps // ad.chunk_steps
     for i in range(config.iterations):
@@ -235,10 +238,10 @@ def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult
             deps_ft.append(models[-1].stage)
         ft = finetune_stage(state, config, ft_stage, model_name=f"AD{i + 1}", train=list(labelled),
                             start_model=_start_model(config, models), deps=deps_ft)
-        models.append(ModelInfo(f"AD{i + 1}", ft["model"], ft["lammps_model"], tuple(labelled), ft["n_frames"],
-                                ft_stage))
-        md_model = ft["lammps_model"]
-        deps_md = [last_dep, ft_stage]
+        lammps = export_stage(state, config, f"AD{i + 1}", ft["model"], elements, deps=[ft_stage])
+        models.append(ModelInfo(f"AD{i + 1}", ft["model"], lammps, tuple(labelled), ft["n_frames"], ft_stage))
+        md_model = lammps
+        deps_md = [last_dep, f"export/AD{i + 1}"]
     return StrategyResult("adaptive", models, segments, labelled)
 
 
