@@ -12,23 +12,18 @@ from tolerances import FINETUNE_MAX_START_ERROR_MEV_PER_ATOM
 from umlipft.cli import main
 from umlipft.errors import StateError
 from umlipft.finetune import FinetuneConfig, FinetuneResult, finetune
-from umlipft.io import write_frames
 from umlipft.models import load_mace_model, read_export_metadata
 
 
 @pytest.fixture(scope="module")
-def finetuned(small_model_path: Path, aqueous_dir: Path,
+def finetuned(small_model_path: Path, tiny_finetune_data: tuple[Path, Path],
               tmp_path_factory: pytest.TempPathFactory) -> tuple[FinetuneConfig, FinetuneResult]:
     # Two frames of the study's own FT1 training set plus its isolated-atom frames: the E0 trap
     # is armed, and the default must defuse it.
-    frames = read(aqueous_dir / "training_sets" / "Finetuning__Periodic__FT1__model__ft_dataset.xyz", ":")
-    regular = [a for a in frames if len(a) > 1][:2]
-    isolated = [a for a in frames if a.info.get("config_type") == "IsolatedAtom"]
-    assert len(isolated) == 6
+    train, valid = tiny_finetune_data
     tmp = tmp_path_factory.mktemp("finetune")
-    train = write_frames(tmp / "train.extxyz", regular + isolated)
     # float32 training: a quarter of the float64 time, and the test is about the pipeline.
-    config = FinetuneConfig(train_file=str(train), foundation=str(small_model_path),
+    config = FinetuneConfig(train_file=str(train), valid_file=str(valid), foundation=str(small_model_path),
                             output_dir=str(tmp / "out"), epochs=1, dtype="float32", e0_check_frames=2)
     return config, finetune(config)
 
@@ -37,7 +32,8 @@ def finetuned(small_model_path: Path, aqueous_dir: Path,
 def test_one_epoch_finetune_writes_model_and_export(finetuned: tuple[FinetuneConfig, FinetuneResult]) -> None:
     config, result = finetuned
     assert result.model_path.is_file() and result.lammps_model_path is not None
-    assert result.n_train == 2 and result.epochs == 1 and len(result.epoch_times_s) == 1
+    assert result.n_train == 2 and result.n_valid == 1 and result.n_replay == 0 and result.mode == "naive"
+    assert result.epochs == 1 and len(result.epoch_times_s) == 1
     model = load_mace_model(result.model_path)
     assert sorted(model.atomic_numbers.tolist()) == [1, 3, 8, 17, 27]
     meta = read_export_metadata(result.lammps_model_path)
@@ -67,7 +63,7 @@ def test_rerun_of_finished_finetune_does_nothing(finetuned: tuple[FinetuneConfig
     assert result.model_path.stat().st_mtime_ns == mtime
     # The CLI says so too, with the same request spelled as flags.
     rc = main(["finetune", "--foundation", config.foundation, "--train", config.train_file,
-               "-o", config.output_dir, "--epochs", "1", "--dtype", "float32"])
+               "--valid", str(config.valid_file), "-o", config.output_dir, "--epochs", "1", "--dtype", "float32"])
     out = capsys.readouterr().out
     assert rc == 0 and "nothing to do" in out
 

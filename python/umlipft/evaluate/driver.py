@@ -215,15 +215,17 @@ def evaluate_model(model: "str | Path | ModelEvaluator", frames: "str | Path | S
     )
 
 
-def cross_evaluate(models: Mapping[str, str | Path], frames: Mapping[str, str | Path], *,
+def cross_evaluate(models: "Mapping[str, str | Path | ModelEvaluator]", frames: Mapping[str, str | Path], *,
                    dtype: str = "float64", head: str | None = None, device: str = "cpu",
                    energy_key: str = REF_ENERGY_KEY, forces_key: str = REF_FORCES_KEY,
                    stress_key: str = REF_STRESS_KEY,
                    progress: Callable[[str, str, int, int], None] | None = None) -> list[EvaluationReport]:
-    """Every model on every frame set; all inputs are checked before the first prediction."""
+    """Every model (a file, a foundation name or a loaded :class:`ModelEvaluator`, which keeps
+    its own dtype and head) on every frame set; all inputs are checked before the first prediction."""
     from .predict import ModelEvaluator
 
-    evaluators = {name: ModelEvaluator(path, dtype=dtype, head=head, device=device)
+    evaluators = {name: path if isinstance(path, ModelEvaluator)
+                  else ModelEvaluator(path, dtype=dtype, head=head, device=device)
                   for name, path in models.items()}
     frame_sets = {name: load_labelled_frames(path, energy_key=energy_key, forces_key=forces_key)
                   for name, path in frames.items()}
@@ -241,7 +243,7 @@ def cross_evaluate(models: Mapping[str, str | Path], frames: Mapping[str, str | 
                                     forces_key=forces_key, stress_key=stress_key)
             reports.append(EvaluationReport(
                 model=mname, model_path=str(evaluator.path), frames=fname, frames_path=str(frames[fname]),
-                dtype=dtype, head=evaluator.head, summary=summary, per_frame=rows))
+                dtype=evaluator.dtype, head=evaluator.head, summary=summary, per_frame=rows))
     return reports
 
 

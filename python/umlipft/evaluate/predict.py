@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import InputError
 
 if TYPE_CHECKING:
+    import torch
     from ase import Atoms
 
 
@@ -42,15 +43,21 @@ def _keep_default_dtype() -> Iterator[None]:
 class ModelEvaluator:
     """A loaded model, ready to predict frames; loading is the slow part, so load once."""
 
-    def __init__(self, model: str | Path, *, dtype: str = "float64", head: str | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(self, model: "str | Path", *, dtype: str = "float64", head: str | None = None,
+                 device: str = "cpu", loaded: "torch.nn.Module | None" = None) -> None:
+        """``model`` names the model (a file or a foundation name); ``loaded``, when given, is
+        that model already loaded (e.g. by a caller that also reads its E0s), which saves a
+        second load of a large file. It is cast to ``dtype`` (in place: pass a copy to keep it)."""
         from ..models.export import choose_head
-        from ..models.foundation import load_mace_model, resolve_foundation_model
+        from ..models.foundation import _torch_dtype, load_mace_model, resolve_foundation_model
 
         self.path = resolve_foundation_model(model)
         self.dtype = dtype
         self.device = device
-        self._model = load_mace_model(self.path, dtype=dtype)
+        if loaded is not None:
+            self._model = loaded.to(_torch_dtype(dtype)).eval()
+        else:
+            self._model = load_mace_model(self.path, dtype=dtype)
         _, self.head = choose_head(self._model, head)
         self.atomic_numbers = frozenset(int(z) for z in self._model.atomic_numbers)
         self._calc = None

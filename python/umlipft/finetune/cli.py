@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), help="training precision (default float64)")
     parser.add_argument("--export-dtype", choices=("float32", "float64"), help="precision of the LAMMPS export (default float64)")
     parser.add_argument("--no-export", dest="export", action="store_false", default=None)
+    parser.add_argument("--mace-plots", dest="mace_plots", action="store_true", default=None,
+                        help="let mace-torch plot the fit after training (evaluates every frame once more)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="torch device (default cpu)")
     parser.add_argument("--energy-key")
@@ -50,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 _KEYS = ("foundation", "train_file", "valid_file", "replay_file", "output_dir", "name", "e0s",
          "accept_large_start_error", "max_start_error_meV_per_atom", "epochs", "batch_size", "lr",
          "energy_weight", "forces_weight", "stress_weight", "new_frames_weight", "dtype",
-         "export_dtype", "export", "seed", "device", "energy_key", "forces_key", "stress_key")
+         "export_dtype", "export", "mace_plots", "seed", "device", "energy_key", "forces_key", "stress_key")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -47,11 +47,21 @@ def isolated_atom_energies(frames: "Sequence[Atoms]", energy_key: str) -> dict[i
     return energies
 
 
+def foundation_head_index(model: Any) -> int:
+    """The head mace-torch fine-tunes from (``remove_pt_head`` without ``--foundation_head``):
+    the first head that is not ``pt_head``; 0 for a single-head model. A model that is itself
+    the result of replay fine-tuning stores ``pt_head`` first, and its pt_head E0s are the
+    original foundation's, not those of the head being continued."""
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    return next((i for i, h in enumerate(heads) if h != "pt_head"), 0)
+
+
 def foundation_e0s(model: Any) -> dict[int, float]:
-    """Per-element E0s of a mace-torch model (first head of a multi-head model)."""
+    """Per-element E0s of a mace-torch model (of the head fine-tuning continues, see
+    :func:`foundation_head_index`)."""
     values = model.atomic_energies_fn.atomic_energies.detach().cpu().double().numpy()
     if values.ndim > 1:
-        values = values.reshape(-1, values.shape[-1])[0]
+        values = values.reshape(-1, values.shape[-1])[foundation_head_index(model)]
     return {int(z): float(e) for z, e in zip(model.atomic_numbers.tolist(), values)}
 
 
