@@ -25,7 +25,8 @@ import pytest
 
 from tolerances import WORKFLOW_REPORT_ABS, WORKFLOW_CONTINUITY_POSITION_A, WORKFLOW_CONTINUITY_VELOCITY
 from umlipft.io import read_frames
-from umlipft.workflows import counts, load_workflow_config, run_workflow
+from umlipft.workflows.config import load_workflow_config
+from umlipft.workflows.runner import counts, run_workflow
 
 pytestmark = pytest.mark.slow
 

@@ -55,8 +55,17 @@ class MDSettings(DriverConfig):
     tdamp_fs: float = 50.0
     pdamp_fs: float = 500.0
     seed: int = 12345
+    # Export each model restricted to the system's elements with the fused convolution
+    # (``umlipft export --elements``): faster MD, but the export itself takes tens of seconds on
+    # a CPU, which only pays off for runs longer than a few hundred steps.
+    optimized_export: bool = True
+    # Independent trajectories of one stage (the naive ensemble) run this many at a time, each
+    # its own single-threaded LAMMPS process (without MPI; under MPI see the Slurm scripts).
+    parallel_replicas: int = 1
 
     def validate(self) -> None:
+        if self.parallel_replicas < 1:
+            raise ConfigError("md.parallel_replicas must be at least 1")
         if self.segment_steps < 2 * self.dump_every:
             raise ConfigError(f"md.segment_steps ({self.segment_steps}) must hold at least two dumps "
                               f"(md.dump_every = {self.dump_every})")
@@ -212,6 +221,10 @@ class WorkflowConfig(DriverConfig):
     naive_subsets: tuple[int, ...] = ()  # default: i * frames_per_segment for i = 1..iterations
     selection: str = "random"
     seed: int = 2026
+    # Independent stages run this many at a time in threads (the strategies of a comparison,
+    # the models' self-consistent tests); each stage's own processes (LAMMPS, xTB, mace-torch)
+    # keep their thread settings. Results do not depend on it.
+    parallel_stages: int = 1
     system: SystemSettings = dataclasses.field(default_factory=SystemSettings)
     md: MDSettings = dataclasses.field(default_factory=MDSettings)
     label: LabelSettings = dataclasses.field(default_factory=LabelSettings)
@@ -224,8 +237,8 @@ class WorkflowConfig(DriverConfig):
     def validate(self) -> None:
         if self.profile not in PROFILES:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
-        if self.iterations < 1 or self.frames_per_segment < 1:
-            raise ConfigError("iterations and frames_per_segment must be at least 1")
+        if self.iterations < 1 or self.frames_per_segment < 1 or self.parallel_stages < 1:
+            raise ConfigError("iterations, frames_per_segment and parallel_stages must be at least 1")
         if self.selection not in ("random", "fps"):
             raise ConfigError(f"selection must be random or fps, got {self.selection!r}")
         half = self.md.segment_steps // 2 // self.md.dump_every + 1

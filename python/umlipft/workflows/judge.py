@@ -46,10 +46,12 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
     test_ps = ev.test_steps * md.timestep_fs / 1000.0
     sc: dict[str, dict[str, Any]] = {}
     deps: list[str] = []
-    for m in _models(results):
+
+    def test(m: ModelInfo) -> tuple[str, dict[str, Any] | None, list[str]]:
         base = f"eval/sc/{m.name}"
         if not ev.self_consistent and not (ev.long_runs and _is_final(m, results)):
-            continue
+            return m.name, None, []
+        deps: list[str] = []
         lammps = m.lammps_model or export_stage(state, config, m.name, config.foundation, elements)
         run = md_stage(state, config, f"{base}/md", model=lammps, steps=ev.test_steps,
                        seed=ev.seed, structures=[start0], deps=["start/00", f"export/{m.name}"],
@@ -63,7 +65,20 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
             entry["label"] = label_stage(state, config, f"{base}/label", frames=ex["frames"],
                                          deps=[f"{base}/extract"])
             deps.append(f"{base}/label")
-        sc[m.name] = entry
+        return m.name, entry, deps
+
+    models = _models(results)
+    if config.parallel_stages > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=config.parallel_stages) as pool:
+            tested = list(pool.map(test, models))
+    else:
+        tested = [test(m) for m in models]
+    for name, entry, stage_deps in tested:
+        if entry is not None:
+            sc[name] = entry
+            deps += stage_deps
     long: dict[str, dict[str, Any]] = {}
     if ev.long_runs:
         for strategy, result in results.items():
@@ -191,7 +206,10 @@ def _self_consistent(state: WorkflowState, results: Mapping[str, StrategyResult]
         save_figure(fig, data, figures / f"residuals-{left}-{right}.png",
                     caption=f"Self-consistent test: (E_model - E_ref)/N of frames from the second half of each "
                             f"model's own trajectory from the common start; {left} and {right} models "
-                            "(dots: frames; bars: mean ± std).")
+                            "(dots: frames; bars: mean ± std)."
+                            + (f" U is shown after removing its mean residual on the training frames "
+                               f"({offset:.1f} meV/atom: the labels' theory has another energy zero)."
+                               if offset else ""))
     return out
 
 

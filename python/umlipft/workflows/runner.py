@@ -50,9 +50,16 @@ def run_workflow(strategies: Sequence[str], config: WorkflowConfig, directory: s
     finished = False
     report: dict[str, Any] = {}
     try:
-        for strategy in strategies:
-            with summary.timed(strategy):
-                results[strategy] = STRATEGY_RUNNERS[strategy](state, config)
+        with summary.timed("strategies"):
+            if config.parallel_stages > 1 and len(strategies) > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=config.parallel_stages) as pool:
+                    futures = {s: pool.submit(STRATEGY_RUNNERS[s], state, config) for s in strategies}
+                    results = {s: futures[s].result() for s in strategies}
+            else:
+                for strategy in strategies:
+                    results[strategy] = STRATEGY_RUNNERS[strategy](state, config)
         if judge:
             with summary.timed("judge"):
                 report = judge_models(state, config, results)

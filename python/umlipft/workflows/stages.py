@@ -4,6 +4,7 @@ JSON-able result (paths relative to the workflow directory, counts, hashes)."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -13,6 +14,10 @@ from .state import WorkflowState, file_sha256
 
 if TYPE_CHECKING:
     from ase import Atoms
+
+# In-process torch work (model export; the fine-tune driver's data preparation and E0 check)
+# changes process-wide torch state (default dtype), so stages running in threads take turns.
+TORCH_LOCK = threading.Lock()
 
 LABELLED = "labelled.extxyz"
 FRAMES = "frames.extxyz"
@@ -80,15 +85,26 @@ def md_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model: 
     dtype = dtype or md.dtype
     inputs = {"model": model, "model_sha256": model_hash(state, model), "steps": steps, "seed": seed,
               "structures": list(structures), "continue_from": continue_from, "elements": list(elements),
-              "md": {k: v for k, v in md.to_dict().items() if k not in ("segment_steps", "seed", "dtype")},
+              "md": {k: v for k, v in md.to_dict().items()
+                     if k not in ("segment_steps", "seed", "dtype", "optimized_export", "parallel_replicas")},
               "dtype": dtype}
 
     def run(folder: Path) -> dict[str, Any]:
-        from ..md import MDConfig, run_md
+        from ..md import run_md
 
         cfg = md_config(state, config, folder, model=model, steps=steps, seed=seed, structures=structures,
                         continue_from=continue_from, elements=elements, dtype=dtype)
-        results = run_md(cfg, progress=False)
+        if cfg.replicas > 1 and md.parallel_replicas > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from ..md import prepare, run_replica
+
+            prepared = prepare(cfg)
+            with ThreadPoolExecutor(max_workers=md.parallel_replicas) as pool:
+                results = list(pool.map(lambda k: run_replica(cfg, prepared, k, progress=False),
+                                        range(cfg.replicas)))
+        else:
+            results = run_md(cfg, progress=False)
         return {"directories": [rel(state, r.directory) for r in results],
                 "trajectories": [rel(state, r.trajectory) for r in results],
                 "thermo": [rel(state, r.thermo) for r in results],
@@ -139,14 +155,18 @@ def export_stage(state: WorkflowState, config: WorkflowConfig, model_name: str, 
     element-restricted and fused, checked against mace-torch), made once and shared by every
     MD run of that model. Returns its path relative to the workflow directory."""
     dtype = config.md.dtype
+    optimize = config.md.optimized_export
     inputs = {"model": model, "model_sha256": model_hash(state, model), "dtype": dtype, "elements": list(elements)}
+    if not optimize:
+        inputs["optimized"] = False
 
     def run(folder: Path) -> dict[str, Any]:
         from ..models.export import ExportConfig, export_lammps_model
 
         source = str(absolute(state, model)) if (state.root / model).is_file() else model
-        out = export_lammps_model(ExportConfig(model=source, output=str(folder / f"{model_name}-lammps-{dtype}.pt"),
-                                               dtype=dtype, elements=tuple(elements)))
+        with TORCH_LOCK:
+            out = export_lammps_model(ExportConfig(model=source, output=str(folder / f"{model_name}-lammps-{dtype}.pt"),
+                                                   dtype=dtype, elements=tuple(elements) if optimize else None))
         return {"lammps_model": rel(state, out), "sha256": file_sha256(out)}
 
     return state.run(f"export/{model_name}", inputs, run, deps=deps)["lammps_model"]
@@ -250,7 +270,8 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
             valid_fraction=ft.valid_fraction, dtype=ft.dtype, export=False, export_dtype=config.md.dtype,
             seed=ft.seed, device=ft.device)
         state.journal("finetune_call", stage=name)
-        result = finetune(cfg)
+        with TORCH_LOCK:
+            result = finetune(cfg)
         state.journal("finetune_return", stage=name, skipped=result.skipped,
                       epochs_run=len(result.epoch_times_s))
         return {"model": rel(state, result.model_path),

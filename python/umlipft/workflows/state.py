@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -61,6 +62,11 @@ class WorkflowState:
         self.log = log or (lambda message: None)
         self.until = until
         self.reached_until = False
+        # Independent stages may run in threads (``parallel_stages``): one lock guards the state,
+        # one per stage makes a second thread wait for a shared stage (export/U) instead of
+        # running it twice.
+        self._lock = threading.RLock()
+        self._stage_locks: dict[str, threading.Lock] = {}
         if self.path.is_file():
             self.data = json.loads(self.path.read_text())
             if self.data.get("format_version") != FORMAT_VERSION:
@@ -72,12 +78,13 @@ class WorkflowState:
 
     # ----------------------------------------------------------------------------------------
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+        with self._lock:
+            atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
 
     def journal(self, event: str, **fields: Any) -> None:
         """Append one line to ``journal.jsonl``: what ran (used to count labeller/trainer calls)."""
         line = json.dumps({"time": time.time(), "event": event, **fields}, default=str)
-        with open(self.root / JOURNAL_FILE, "a") as handle:
+        with self._lock, open(self.root / JOURNAL_FILE, "a") as handle:
             handle.write(line + "\n")
             handle.flush()
 
@@ -118,6 +125,13 @@ class WorkflowState:
     def run(self, name: str, inputs: Mapping[str, Any], func: Callable[[Path], dict[str, Any]],
             deps: Sequence[str] = ()) -> dict[str, Any]:
         """Run stage ``name`` (or return its stored result); ``inputs`` are its settings."""
+        with self._lock:
+            stage_lock = self._stage_locks.setdefault(name, threading.Lock())
+        with stage_lock:
+            return self._run(name, inputs, func, deps)
+
+    def _run(self, name: str, inputs: Mapping[str, Any], func: Callable[[Path], dict[str, Any]],
+             deps: Sequence[str]) -> dict[str, Any]:
         if self.reached_until and not self._within_until(name):
             raise _Stop()
         full = {"inputs": dict(inputs), "deps": {d: self.fingerprint_of(d) for d in deps}}
@@ -136,17 +150,19 @@ class WorkflowState:
                 self.reached_until = True
             return entry["result"]
         folder.mkdir(parents=True, exist_ok=True)
-        self.data["stages"][name] = {"fingerprint": fp, "inputs": full, "status": "running",
-                                     "attempts": (entry or {}).get("attempts", 0) + 1}
-        if name not in self.data["order"]:
-            self.data["order"].append(name)
-        self.save()
+        with self._lock:
+            self.data["stages"][name] = {"fingerprint": fp, "inputs": full, "status": "running",
+                                         "attempts": (entry or {}).get("attempts", 0) + 1}
+            if name not in self.data["order"]:
+                self.data["order"].append(name)
+            self.save()
         self.log(f"{name}: running" + (" (resuming)" if entry else ""))
         t0 = time.perf_counter()
         result = func(folder)
         wall = time.perf_counter() - t0
-        self.data["stages"][name].update({"status": "done", "result": result, "wall_s": round(wall, 3)})
-        self.save()
+        with self._lock:
+            self.data["stages"][name].update({"status": "done", "result": result, "wall_s": round(wall, 3)})
+            self.save()
         self.journal("stage_done", stage=name, wall_s=wall)
         if self._within_until(name):
             self.reached_until = True
