@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +26,23 @@ def foundation(small_model_path: Path):
 
 
 @pytest.fixture(scope="module")
-def evaluator(small_model_path: Path) -> ModelEvaluator:
-    return ModelEvaluator(small_model_path, dtype="float32")
+def checked(aqueous_dir: Path, small_model_path: Path, foundation) -> dict[str, tuple[list, list, list[float]]]:
+    """Per training set: (all frames, 2 check frames, the foundation's energies on them). The
+    foundation is evaluated once per frame (float32, as the driver's own check), for all tests."""
+    evaluator = ModelEvaluator(small_model_path, dtype="float32", loaded=copy.deepcopy(foundation))
+    out = {}
+    for name in TRAINING_SETS:
+        frames = read(aqueous_dir / "training_sets" / name, ":")
+        check = [a for a in frames if len(a) > 1][:2]
+        out[name] = (frames, check, [p.energy_eV for p in evaluator.predict(check)])
+    return out
 
 
 @pytest.mark.parametrize("name", TRAINING_SETS)
-def test_isolated_atom_e0s_would_wreck_the_start(name: str, aqueous_dir: Path, foundation,
-                                                 evaluator: ModelEvaluator) -> None:
-    frames = read(aqueous_dir / "training_sets" / name, ":")
+def test_isolated_atom_e0s_would_wreck_the_start(name: str, foundation, checked) -> None:
+    frames, check, energies = checked[name]
     isolated = isolated_atom_energies(frames, "REF_energy")
     assert isolated[1] == pytest.approx(-1.1172191) and isolated[27] == pytest.approx(-0.8173899)
-    check = [a for a in frames if len(a) > 1][:2]
-    energies = [p.energy_eV for p in evaluator.predict(check)]
     e0_found = foundation_e0s(foundation)
     # MACE-MP-0's E0s are fitted values, far from isolated-atom DFT energies.
     assert e0_found[1] == pytest.approx(-3.667, abs=1e-3) and e0_found[8] == pytest.approx(-7.285, abs=1e-3)
@@ -65,10 +71,10 @@ def test_isolated_atom_e0s_would_wreck_the_start(name: str, aqueous_dir: Path, f
     assert accepted.accepted_large_start_error and accepted.mace_e0s_argument.startswith("{1: -1.1172191")
 
 
-def test_labels_on_another_scale_suggest_estimated(aqueous_dir: Path, foundation, evaluator: ModelEvaluator) -> None:
+def test_labels_on_another_scale_suggest_estimated(foundation, checked) -> None:
     # Labels from another code sit on another absolute scale; here every O carries -2 eV extra.
-    frames = [a for a in read(aqueous_dir / "training_sets" / TRAINING_SETS[1], ":") if len(a) > 1][:2]
-    energies = [p.energy_eV for p in evaluator.predict(frames)]
+    _, check, energies = checked[TRAINING_SETS[1]]
+    frames = [a.copy() for a in check]
     for atoms in frames:
         atoms.info["REF_energy"] -= 2.0 * np.count_nonzero(atoms.numbers == 8)
     kwargs = dict(frames=frames, foundation_energies_eV=energies, foundation_e0=foundation_e0s(foundation),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ase.io import read
 
@@ -39,6 +40,12 @@ def test_one_epoch_finetune_writes_model_and_export(finetuned: tuple[FinetuneCon
     meta = read_export_metadata(result.lammps_model_path)
     assert meta["atomic_numbers"] == [1, 3, 8, 17, 27] and meta["head"] == "Default"
     assert meta["r_max"] == pytest.approx(6.0)
+    # The export runs in LAMMPS (its agreement with mace-torch is the plugin tests' subject).
+    from sample_structures import triclinic_water_box
+    from umlipft.lammps.singlepoint import lammps_single_point
+
+    lmp = lammps_single_point(triclinic_water_box(), result.lammps_model_path, ["H", "O"])
+    assert np.isfinite(lmp.energy) and np.all(np.isfinite(lmp.forces))
     # E0 trap defused: the starting model mace-torch itself built and evaluated (its "Initial"
     # validation line) has the foundation's error, not the isolated-atom shift of ~3600 meV/atom.
     assert result.e0["policy"] == "foundation" and result.e0["isolated_atom_frames_dropped"] == 6
