@@ -49,3 +49,8 @@ WORKFLOW_CONTINUITY_VELOCITY = 1e-8
 # cannot amplify to 1e-6; a redone label, a resumed (not restarted) training or another seed
 # changes the residuals in the first or second digit.
 WORKFLOW_REPORT_ABS = 1e-6
+# --- finetune/evaluate, float32 (issue 3) ---
+# Two models that differ only in one E0, evaluated in float32: each ~-825 eV total carries the
+# rounding of float32 sums (ulp 6e-5 eV, a few ulps over 170 atoms: ~1e-3 meV/atom). The shift
+# under test is 0.05 eV per H, about 32 meV/atom; a wrong pairing or count misses by >10.
+EVAL_E0_SHIFT_FP32_MEV_PER_ATOM = 0.01
