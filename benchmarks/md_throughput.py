@@ -63,11 +63,11 @@ def structure(frames: Path, natoms: int | None):
     if natoms is None or natoms == len(atoms):
         return atoms
     if natoms > len(atoms):
-        reps = [1, 1, 1]
-        axis = 0
-        while len(atoms) * reps[0] * reps[1] * reps[2] < 0.95 * natoms:
-            reps[axis] += 1
-            axis = (axis + 1) % 3
+        import itertools
+
+        # The repetition closest to natoms, as compact as possible (170 -> 510, 1530).
+        reps = min(itertools.product(range(1, 6), repeat=3),
+                   key=lambda r: (abs(len(atoms) * r[0] * r[1] * r[2] - natoms), max(r) - min(r), r[::-1]))
         return atoms.repeat(reps)
     # Smaller: the natoms atoms nearest the cell centre (minimum image), as an isolated cluster.
     centre = atoms.cell.sum(axis=0) / 2
@@ -227,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="*", default=[],
                         help="extra system sizes for the scan (e.g. 50 500 1500), optimised "
                         "and reference plugin paths only")
-    parser.add_argument("--repeat", type=int, default=1, help="repeat the 170-atom table; median")
+    parser.add_argument("--scan-paths", nargs="+",
+                        default=["plugin_fast_fp32", "plugin_fast_fp64", "plugin_fp32", "plugin_fp64"],
+                        help="plugin paths timed in the size scan")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repeat the 170-atom table (median) and each size-scan point (minimum)")
     parser.add_argument("--paths", nargs="*", help="only these paths (e.g. plugin_fast_fp32 ase_fp32)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--frames", type=Path, default=DEFAULT_FRAMES)
@@ -301,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         if fast:
             which = [("plugin_fast_fp32", True, "float32"), ("plugin_fast_fp64", True, "float64")] + which
         for name, optimised, dtype in which:
-            if args.paths and name not in args.paths:
+            if name not in args.scan_paths:
                 continue
-            ms = time_plugin(system, exported(dtype, optimised), n_steps, args.threads, workdir)
+            ms = min(time_plugin(system, exported(dtype, optimised), n_steps, args.threads, workdir)
+                     for _ in range(args.repeat))
             row[f"{name}_ms"] = ms
             print(f"  size {len(system):5d} ({'pbc' if system.pbc.any() else 'cluster'}) "
                   f"{name:18s} {ms:10.1f} ms/step ({n_steps} steps)", flush=True)
