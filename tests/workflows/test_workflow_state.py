@@ -77,7 +77,8 @@ def test_from_unknown_stage_and_until(tmp_path: Path) -> None:
 def test_profiles_examples_and_config_errors(tmp_path: Path) -> None:
     quick = load_workflow_config(EXAMPLES / "workflow-quick.yaml")
     assert quick.profile == "quick" and quick.label.calculator == "xtb" and quick.md.dtype == "float32"
-    assert quick.finetune.start_from == "universal" and quick.subsets() == (3, 6)
+    assert quick.finetune.start_from == "universal" and quick.subsets() == (2, 4)
+    assert quick == load_workflow_config(profile="quick").replace(seed=2026)  # the example is the profile
     study = load_workflow_config(EXAMPLES / "workflow-study.yaml")
     assert study.subsets() == (10, 21, 31, 40, 50)
     assert study.md.segment_steps * study.md.timestep_fs == 1e6  # 1 ns

@@ -284,23 +284,27 @@ STUDY_PROFILE: dict[str, Any] = {
                    "long_label_every": 200_000},
 }
 
-# A laptop-sized version whose naive-vs-periodic comparison with report fits in 15 minutes on
-# two cores: CoCl2 + LiCl in 16 waters (53 atoms), float32 MD, 80-step segments, xTB labels,
-# one epoch per fine-tune. The numbers were measured, see the README.
+# A laptop-sized version of the naive-vs-periodic comparison with report, sized for about
+# 15 minutes on two cores: LiCl + CoCl2 in 10 waters (35 atoms), float32 MD with plain exports
+# (the optimised export costs more than it saves on 40-step runs), 2 iterations of 2 frames,
+# xTB labels with estimated E0s (xTB has another energy zero than MACE-MP-0), one epoch per
+# fine-tune (mace-torch's start-up and final evaluation dominate: ~1-2 min per fine-tune), two
+# independent stages at a time. Measured wall times: examples/WORKFLOWS.md.
 QUICK_PROFILE: dict[str, Any] = {
     "profile": "quick",
     "iterations": 2,
-    "frames_per_segment": 3,
-    "naive_subsets": [3, 6],
-    "system": {"system": "aqueous", "n_water": 16},
-    "md": {"segment_steps": 80, "dump_every": 10, "thermo_every": 10, "restart_every": 40,
-           "dtype": "float32"},
+    "frames_per_segment": 2,
+    "naive_subsets": [2, 4],
+    "parallel_stages": 2,
+    "system": {"system": "aqueous", "n_water": 10},
+    "md": {"segment_steps": 40, "dump_every": 10, "thermo_every": 10, "restart_every": 20,
+           "dtype": "float32", "optimized_export": False, "parallel_replicas": 2},
     "label": {"calculator": "xtb"},
     "finetune": {"epochs": 1, "batch_size": 2, "e0s": "estimated", "dtype": "float64"},
-    "evaluation": {"test_steps": 60, "test_frames": 2, "long_steps": 60, "long_label_every": 20,
+    "evaluation": {"test_steps": 40, "test_frames": 2, "long_steps": 40, "long_label_every": 20,
                    "dtype": "float64"},
     "analysis": {"soap_n_max": 4, "soap_l_max": 3, "components": 3, "coverage_bins": 20},
-    "adaptive": {"chunk_steps": 40},
+    "adaptive": {"chunk_steps": 20},
 }
 
 PROFILE_DEFAULTS = {"quick": QUICK_PROFILE, "study": STUDY_PROFILE}

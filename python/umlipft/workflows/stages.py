@@ -164,10 +164,21 @@ def export_stage(state: WorkflowState, config: WorkflowConfig, model_name: str, 
         from ..models.export import ExportConfig, export_lammps_model
 
         source = str(absolute(state, model)) if (state.root / model).is_file() else model
+        target = str(folder / f"{model_name}-lammps-{dtype}.pt")
+        fallback = None
         with TORCH_LOCK:
-            out = export_lammps_model(ExportConfig(model=source, output=str(folder / f"{model_name}-lammps-{dtype}.pt"),
-                                                   dtype=dtype, elements=tuple(elements) if optimize else None))
-        return {"lammps_model": rel(state, out), "sha256": file_sha256(out)}
+            try:
+                out = export_lammps_model(ExportConfig(model=source, output=target, dtype=dtype,
+                                                       elements=tuple(elements) if optimize else None))
+            except Exception as err:  # noqa: BLE001 - the plain export is always valid
+                if not optimize:
+                    raise
+                fallback = f"{type(err).__name__}: {err}"
+                state.log(f"export/{model_name}: the optimised export failed ({fallback[:200]}); "
+                          "using the plain export")
+                out = export_lammps_model(ExportConfig(model=source, output=target, dtype=dtype))
+        return {"lammps_model": rel(state, out), "sha256": file_sha256(out), "optimized": optimize and not fallback,
+                "optimized_export_error": fallback}
 
     return state.run(f"export/{model_name}", inputs, run, deps=deps)["lammps_model"]
 
