@@ -116,7 +116,10 @@ def counts(directory: str | Path) -> dict[str, Any]:
     journal = directory / "journal.jsonl"
     if journal.is_file():
         for line in journal.read_text().splitlines():
-            event = json.loads(line)
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by kill -9 while being written
+                continue
             if event["event"] == "label_call":
                 out["labelled_by_call"].setdefault(event["stage"], []).append(event["labelled"])
             elif event["event"] == "finetune_return" and not event["skipped"]:
