@@ -20,7 +20,6 @@ Layout of ``output_dir``::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import numpy as np
 
 from ..config import DriverConfig
 from ..errors import ConfigError, ExternalProgramError, InputError, StateError
-from ..io import (REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY, atomic_path, atomic_write_text,
+from ..io import (REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY, atomic_path, atomic_write_text, sha256_file,
                   read_frames, reference_energy, reference_forces, reference_stress,
                   require_reference_labels, write_frames)
 from ..summary import RunSummary
@@ -274,14 +273,6 @@ def _prepare(cfg: FinetuneConfig, foundation_numbers: frozenset[int]) -> _Prepar
 # Restart bookkeeping
 
 
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _request(cfg: FinetuneConfig, foundation_path: Path) -> dict[str, Any]:
     inputs = {"foundation": str(foundation_path)}
     for key in ("train_file", "valid_file", "replay_file"):
@@ -290,7 +281,7 @@ def _request(cfg: FinetuneConfig, foundation_path: Path) -> dict[str, Any]:
             inputs[key] = value
     return {
         "config": cfg.to_dict(),
-        "input_sha256": {k: _sha256(v) for k, v in inputs.items()},
+        "input_sha256": {k: sha256_file(v) for k, v in inputs.items()},
     }
 
 
