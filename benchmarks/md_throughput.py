@@ -119,6 +119,7 @@ def export(model: Path, dtype: str, workdir: Path, elements: list[str] | None) -
 # ----------------------------------------------------------------------------- timers
 
 LOOP_TIME = re.compile(r"Loop time of ([0-9.eE+-]+) on \d+ procs for (\d+) steps")
+CPU_USE = re.compile(r"([0-9.]+)% CPU use with")
 
 
 def time_plugin(atoms, model_pt: Path, steps: int, threads: int, workdir: Path,
@@ -161,6 +162,9 @@ def time_plugin(atoms, model_pt: Path, steps: int, threads: int, workdir: Path,
         raise RuntimeError(f"lmp failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
                            f"{proc.stderr[-2000:]}\n{text[-2000:]}")
     seconds, nsteps = loops[-1]
+    cpu = CPU_USE.findall(text)
+    if cpu:  # LAMMPS' CPU use of the timed run: well under 100% x threads means a shared CPU
+        print(f"    (lmp: {cpu[-1]}% CPU use with {threads} torch thread(s))", flush=True)
     return 1000.0 * float(seconds) / int(nsteps)
 
 
