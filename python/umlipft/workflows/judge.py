@@ -81,21 +81,33 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
             deps += stage_deps
     long: dict[str, dict[str, Any]] = {}
     if ev.long_runs:
+        finals: dict[str, tuple[str, ModelInfo]] = {}
         for strategy, result in results.items():
-            m = result.models[-1]
-            base = f"eval/long/{m.name}"
-            if m.name in long:
-                continue
-            run = md_stage(state, config, f"{base}/md", model=sc[m.name]["lammps"],
-                           steps=ev.long_steps, seed=ev.seed, continue_from=sc[m.name]["md"]["directories"][0],
-                           deps=[f"eval/sc/{m.name}/md"], elements=elements)
+            finals.setdefault(result.models[-1].name, (strategy, result.models[-1]))
+
+        def long_run(item: tuple[str, tuple[str, ModelInfo]]) -> tuple[str, dict[str, Any]]:
+            name, (strategy, m) = item
+            base = f"eval/long/{name}"
+            run = md_stage(state, config, f"{base}/md", model=sc[name]["lammps"],
+                           steps=ev.long_steps, seed=ev.seed, continue_from=sc[name]["md"]["directories"][0],
+                           deps=[f"eval/sc/{name}/md"], elements=elements)
             every_ps = ev.long_label_every * md.timestep_fs / 1000.0
             ex = extract_stage(state, config, f"{base}/extract", trajectory=run["trajectories"][0],
                                start_ps=every_ps, stop_ps=None, count=None, every_ps=every_ps, seed=ev.seed,
-                               time_offset_ps=test_ps, deps=[f"{base}/md"], tag={"test": "long", "model": m.name})
+                               time_offset_ps=test_ps, deps=[f"{base}/md"], tag={"test": "long", "model": name})
             lab = label_stage(state, config, f"{base}/label", frames=ex["frames"], deps=[f"{base}/extract"])
-            long[m.name] = {"md": run, "label": lab, "strategy": strategy, "model": m}
-            deps += [f"{base}/md", f"{base}/label"]
+            return name, {"md": run, "label": lab, "strategy": strategy, "model": m}
+
+        if config.parallel_stages > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=config.parallel_stages) as pool:
+                done = list(pool.map(long_run, finals.items()))
+        else:
+            done = [long_run(item) for item in finals.items()]
+        for name, entry in done:
+            long[name] = entry
+            deps += [f"eval/long/{name}/md", f"eval/long/{name}/label"]
     strategy_stages = [m.stage for r in results.values() for m in r.models if m.stage]
     inputs = {"strategies": sorted(results), "analysis": config.analysis.to_dict(),
               "evaluation": ev.to_dict(), "dump_ps": dump_ps}

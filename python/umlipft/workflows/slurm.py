@@ -111,6 +111,7 @@ def write_naive_md_config(config: WorkflowConfig, directory: str | Path) -> Path
 
     from .stages import elements_of, md_config
     from .state import WorkflowState
+    from .strategies import NAIVE_SEED_OFFSET
 
     state = WorkflowState(directory)
     structures = [state.result(f"start/{k:02d}")["structure"] for k in range(config.iterations)]
@@ -118,7 +119,7 @@ def write_naive_md_config(config: WorkflowConfig, directory: str | Path) -> Path
     folder = state.stage_dir("naive/md")
     model = state.result("export/U")["lammps_model"]
     cfg = md_config(state, config, folder, model=model, steps=config.md.segment_steps,
-                    seed=config.md.seed, structures=structures, elements=elements)
+                    seed=config.md.seed + NAIVE_SEED_OFFSET, structures=structures, elements=elements)
     target = folder / "md.yaml"
     atomic_write_text(target, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return target

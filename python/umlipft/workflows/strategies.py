@@ -17,6 +17,7 @@ from .stages import (absolute, elements_of, export_stage, extract_stage, finetun
 from .state import WorkflowState, file_sha256
 
 UNIVERSAL = "U"
+NAIVE_SEED_OFFSET = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,9 @@ def run_naive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult:
     elements = elements_of(absolute(state, start["structures"][0]))
     md = config.md
     u_model = export_stage(state, config, UNIVERSAL, config.foundation, elements)
-    run = md_stage(state, config, "naive/md", model=u_model, steps=md.segment_steps, seed=md.seed,
+    # Its own velocity seeds: replica 0 starts where the periodic trajectory starts, and with the
+    # same seed the two would be one trajectory twice instead of independent samples.
+    run = md_stage(state, config, "naive/md", model=u_model, steps=md.segment_steps, seed=md.seed + NAIVE_SEED_OFFSET,
                    structures=start["structures"], deps=start["stages"] + [f"export/{UNIVERSAL}"], elements=elements)
     labelled: list[str] = []
     segments: list[dict[str, Any]] = []
