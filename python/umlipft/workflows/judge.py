@@ -137,7 +137,8 @@ def _analyse(state: WorkflowState, config: WorkflowConfig, results: Mapping[str,
     offset = _universal_offset(state, config, results)
     if offset is not None:
         report["universal_offset_meV_per_atom"] = offset
-    report["self_consistent"] = _self_consistent(state, results, sc, figures, save_figure, offset or 0.0)
+    report["self_consistent"] = _self_consistent(state, results, sc, figures, save_figure, offset or 0.0,
+                                                 config.label.calculator)
     if long:
         report["long_runs"] = _long_runs(state, config, long, figures, save_figure)
     report["coverage"] = _coverage(state, config, results, figures, save_figure)
@@ -183,11 +184,12 @@ def _universal_offset(state: WorkflowState, config: WorkflowConfig,
 
 
 def _self_consistent(state: WorkflowState, results: Mapping[str, StrategyResult], sc: Mapping[str, Any],
-                     figures: Path, save_figure: Any, offset: float = 0.0) -> dict[str, Any]:
+                     figures: Path, save_figure: Any, offset: float = 0.0, calculator: str = "ref") -> dict[str, Any]:
     from ..analysis.plots import plot_residuals
     from ..evaluate import self_consistent_residual
 
     out: dict[str, Any] = {}
+    reference = calculator.upper() if calculator in ("vasp", "cp2k") else calculator
     for name, entry in sc.items():
         if "label" not in entry:
             continue
@@ -212,7 +214,8 @@ def _self_consistent(state: WorkflowState, results: Mapping[str, StrategyResult]
     for left, right in pairs:
         if left not in results and right not in results:
             continue
-        fig, data = plot_residuals(panel(left), panel(right))
+        fig, data = plot_residuals(panel(left), panel(right),
+                                   ylabel=f"(E_model − E_{reference})/N (meV/atom)")
         fig.axes[0].set_title(left)
         fig.axes[1].set_title(right)
         save_figure(fig, data, figures / f"residuals-{left}-{right}.png",
