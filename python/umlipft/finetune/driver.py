@@ -471,7 +471,7 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
             lammps = done.lammps_model_path
             if config.export and not lammps_path.is_file():
                 lammps = export_lammps_model(ExportConfig(model=str(model_path), output=str(lammps_path),
-                                                          dtype=config.export_dtype))
+                                                          dtype=config.export_dtype, optimize=True))
             return dataclasses.replace(done, lammps_model_path=lammps if config.export else None,
                                        epoch_times_s=(), skipped=True)
 
@@ -531,7 +531,7 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
     if config.export:
         with summary.timed("export"):
             lammps_model = export_lammps_model(ExportConfig(model=str(model_path), output=str(lammps_path),
-                                                            dtype=config.export_dtype))
+                                                            dtype=config.export_dtype, optimize=True))
     result = FinetuneResult(
         model_path=model_path, lammps_model_path=lammps_model, output_dir=out, mode=config.mode,
         e0=e0.to_dict(), n_train=len(prepared.train), n_valid=len(prepared.valid),
