@@ -45,10 +45,11 @@ WORKFLOW_CONTINUITY_POSITION_A = 1e-6
 WORKFLOW_CONTINUITY_VELOCITY = 1e-8
 # A killed and resumed workflow against an uninterrupted one: the same seeds, the same
 # single-threaded LAMMPS and a training restarted from epoch 0 give the same numbers up to the
-# reduction order of multi-threaded xTB and torch (~1e-12 relative), which a few dozen MD steps
-# cannot amplify to 1e-6; a redone label, a resumed (not restarted) training or another seed
-# changes the residuals in the first or second digit.
-WORKFLOW_REPORT_ABS = 1e-6
+# reduction order of multi-threaded xTB and torch (~1e-12 relative); float32 MD rounds such
+# differences into the trajectory, and 10-20 steps later they show at ~1e-6 relative (measured
+# 1.0e-6 on a long-run residual). A redone label, a resumed (not restarted) training or another
+# seed changes the residuals in the first or second digit.
+WORKFLOW_REPORT_TOL = 1e-4  # relative, absolute below 1
 # --- finetune/evaluate, float32 (issue 3) ---
 # Two models that differ only in one E0, evaluated in float32: each ~-825 eV total carries the
 # rounding of float32 sums (ulp 6e-5 eV, a few ulps over 170 atoms: ~1e-3 meV/atom). The shift

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tolerances import WORKFLOW_REPORT_ABS, WORKFLOW_CONTINUITY_POSITION_A, WORKFLOW_CONTINUITY_VELOCITY
+from tolerances import WORKFLOW_REPORT_TOL, WORKFLOW_CONTINUITY_POSITION_A, WORKFLOW_CONTINUITY_VELOCITY
 from umlipft.io import read_frames
 from umlipft.workflows.config import load_workflow_config
 from umlipft.workflows.runner import counts, run_workflow
@@ -160,7 +160,7 @@ def _assert_same(a, b, where: str) -> None:
         for i, (x, y) in enumerate(zip(a, b)):
             _assert_same(x, y, f"{where}[{i}]")
     elif isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= WORKFLOW_REPORT_ABS * max(1.0, abs(a)), f"{where}: {a} != {b}"
+        assert abs(a - b) <= WORKFLOW_REPORT_TOL * max(1.0, abs(a)), f"{where}: {a} != {b}"
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
