@@ -120,7 +120,8 @@ def prepare(config: MDConfig) -> PreparedRun:
     from ..models.export import read_export_metadata
     from ase.data import chemical_symbols
 
-    run_dir = Path(config.output)
+    # Absolute: LAMMPS runs inside the replica folder, so relative paths would point elsewhere.
+    run_dir = Path(config.output).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     check_config_unchanged(run_dir, config)
     if config.continue_from:
