@@ -47,17 +47,8 @@ class DriverConfig:
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path, **overrides: Any) -> C:
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"configuration file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level, got {type(values).__name__}")
+        values = read_yaml_mapping(path)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values, source=str(path))
 
@@ -79,6 +70,22 @@ class DriverConfig:
 
     def validate(self) -> None:
         """Subclasses check value ranges here and raise ConfigError."""
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping, with one clear error for every way it can be wrong."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level, got {type(values).__name__}")
+    return values
 
 
 def _plain(value: Any) -> Any:

@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import DriverConfig
+from ..config import DriverConfig, read_yaml_mapping
 from ..errors import ConfigError
 from ..label.config import Cp2kConfig, EspressoConfig, VaspConfig, XtbConfig
 
@@ -323,20 +323,10 @@ def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, An
 def load_workflow_config(path: str | Path | None = None, profile: str | None = None,
                          overrides: Mapping[str, Any] | None = None) -> WorkflowConfig:
     """The profile's defaults, then the YAML file, then ``overrides`` (nested mappings)."""
-    import yaml
-
     values: dict[str, Any] = {}
     source = "workflow configuration"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"configuration file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level")
+        values = read_yaml_mapping(path)
         source = str(path)
     name = profile or values.get("profile") or "quick"
     if name not in PROFILE_DEFAULTS:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ExternalProgramError, InputError
 from .config import WorkflowConfig
-from .state import WorkflowState, file_sha256
+from ..io import sha256_file
+from .state import WorkflowState
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -45,7 +46,7 @@ def start_stage(state: WorkflowState, config: WorkflowConfig, count: int) -> dic
         if given is not None:
             if not Path(given).is_file():
                 raise InputError(f"system.structures[{k}]: {given} does not exist")
-            inputs["structure_sha256"] = file_sha256(given)
+            inputs["structure_sha256"] = sha256_file(given)
         else:
             inputs["build"] = {key: v for key, v in sys_cfg.to_dict().items() if key != "structures"}
 
@@ -62,7 +63,7 @@ def start_stage(state: WorkflowState, config: WorkflowConfig, count: int) -> dic
                     n_choline_chloride=sys_cfg.n_choline_chloride, n_citric_acid=sys_cfg.n_citric_acid,
                     density_g_cm3=sys_cfg.density_g_cm3, seed=sys_cfg.seed + k))
             target = write_frames(folder / "start.extxyz", [atoms])
-            return {"structure": rel(state, target), "sha256": file_sha256(target)}
+            return {"structure": rel(state, target), "sha256": sha256_file(target)}
 
         paths.append(state.run(name, inputs, run)["structure"])
         stages.append(name)
@@ -110,7 +111,7 @@ def md_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model: 
                 "thermo": [rel(state, r.thermo) for r in results],
                 "finals": [rel(state, r.final) for r in results],
                 "steps": steps, "timestep_fs": md.timestep_fs,
-                "trajectory_sha256": [file_sha256(r.trajectory) for r in results]}
+                "trajectory_sha256": [sha256_file(r.trajectory) for r in results]}
 
     return state.run(name, inputs, run, deps=deps)
 
@@ -141,9 +142,9 @@ def model_hash(state: WorkflowState, model: str) -> str:
     from ..models.foundation import resolve_foundation_model
 
     if (state.root / model).is_file():
-        return file_sha256(state.root / model)
+        return sha256_file(state.root / model)
     try:
-        return file_sha256(resolve_foundation_model(model))
+        return sha256_file(resolve_foundation_model(model))
     except InputError:
         return model  # resolved (and its absence reported) when the run starts
 
@@ -177,7 +178,7 @@ def export_stage(state: WorkflowState, config: WorkflowConfig, model_name: str, 
                 state.log(f"export/{model_name}: the optimised export failed ({fallback[:200]}); "
                           "using the plain export")
                 out = export_lammps_model(ExportConfig(model=source, output=target, dtype=dtype))
-        return {"lammps_model": rel(state, out), "sha256": file_sha256(out), "optimized": optimize and not fallback,
+        return {"lammps_model": rel(state, out), "sha256": sha256_file(out), "optimized": optimize and not fallback,
                 "optimized_export_error": fallback}
 
     return state.run(f"export/{model_name}", inputs, run, deps=deps)["lammps_model"]
@@ -211,7 +212,7 @@ def extract_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, tr
                 atoms.info[key] = value
         out = write_frames(folder / FRAMES, frames)
         return {"frames": rel(state, out), "n_frames": len(frames),
-                "steps": [int(a.info.get("step", -1)) for a in frames], "sha256": file_sha256(out)}
+                "steps": [int(a.info.get("step", -1)) for a in frames], "sha256": sha256_file(out)}
 
     return state.run(name, inputs, run, deps=deps)
 
@@ -243,7 +244,7 @@ def label_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, fram
                 f"{name}: every frame failed to label ({report.failed}); see {folder / 'work'}")
         return {"labelled": rel(state, report.output), "n_labelled": report.n_done,
                 "failed": {str(k): v for k, v in report.failed.items()},
-                "sha256": file_sha256(report.output)}
+                "sha256": sha256_file(report.output)}
 
     return state.run(name, inputs, run, deps=deps)
 
@@ -289,6 +290,6 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
                 "n_train": result.n_train, "n_valid": result.n_valid, "n_frames": len(frames),
                 "final_valid_rmse_e_meV_per_atom": result.final_valid_rmse_e_meV_per_atom,
                 "final_valid_rmse_f_meV_per_A": result.final_valid_rmse_f_meV_per_A,
-                "e0_policy": result.e0.get("policy"), "sha256": file_sha256(result.model_path)}
+                "e0_policy": result.e0.get("policy"), "sha256": sha256_file(result.model_path)}
 
     return state.run(name, inputs, run, deps=deps)

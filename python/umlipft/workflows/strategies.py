@@ -14,7 +14,8 @@ from ..errors import InputError
 from .config import WorkflowConfig
 from .stages import (absolute, elements_of, export_stage, extract_stage, finetune_stage, label_stage, md_stage,
                      rel, start_stage)
-from .state import WorkflowState, file_sha256
+from ..io import sha256_file
+from .state import WorkflowState
 
 UNIVERSAL = "U"
 NAIVE_SEED_OFFSET = 1000
@@ -174,7 +175,7 @@ def _pool_stage(state: WorkflowState, config: WorkflowConfig, labelled: list[str
             sizes.append(n)
             subsets.append(rel(state, path))
         return {"pool": rel(state, folder / "pool.extxyz"), "n_pool": len(pool), "sizes": sizes,
-                "subsets": subsets, "sha256": [file_sha256(absolute(state, s)) for s in subsets]}
+                "subsets": subsets, "sha256": [sha256_file(absolute(state, s)) for s in subsets]}
 
     return state.run("naive/pool", inputs, run, deps=deps)
 
