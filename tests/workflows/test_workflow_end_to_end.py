@@ -182,3 +182,21 @@ def test_compare_reuses_the_periodic_stages_and_judges_naive_against_periodic(pe
     data = json.loads((outcome.report_json.parent / "figures/residuals-naive-periodic.json").read_text())["data"]
     assert set(data["naive"]) == {"U", "N-2pts", "N-4pts"} and set(data["periodic"]) == {"U", "FT1", "FT2"}
     assert "naive/md" in after["stages"] and len(after["stages"]["naive/md"]["result"]["trajectories"]) == 2
+
+
+def test_control_and_adaptive_run_end_to_end_beside_periodic(periodic_run, tiny_yaml: Path) -> None:
+    """The two strategies without another automated run: control (one trajectory with U, models
+    on its first n labels) and adaptive (segments cut where Q leaves its limit), judged with
+    periodic so the report says how many labels adaptive needed to reach periodic's error."""
+    root = periodic_run.directory
+    outcome = run_workflow(("control", "adaptive", "periodic"), load_workflow_config(tiny_yaml), root)
+    assert outcome.finished and outcome.report_html.is_file()
+    report = json.loads(outcome.report_json.read_text())
+    assert {"NP-2", "NP-4", "AD1", "AD2"} <= set(report["self_consistent"])
+    comparison = report["adaptive_vs_periodic"]
+    assert comparison["periodic_labels"] == 4
+    if comparison["adaptive_model"] is not None:
+        assert comparison["adaptive_labels"] <= report["strategies"]["adaptive"]["models"][-1]["n_frames"]
+    # the periodic stages were reused, not redone
+    c = counts(root)
+    assert all(n == 1 for n in c["trainings_finished"].values())
