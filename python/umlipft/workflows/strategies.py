@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import InputError
 from .config import WorkflowConfig
@@ -57,6 +57,24 @@ def _start_model(config: WorkflowConfig, models: list[ModelInfo]) -> str:
     return config.foundation
 
 
+def _segment_record(name: str, model: str, run: dict[str, Any], time_offset_ps: float) -> dict[str, Any]:
+    return {"name": name, "model": model, "directory": run["directories"][0], "trajectory": run["trajectories"][0],
+            "thermo": run["thermo"][0], "final": run["finals"][0], "time_offset_ps": time_offset_ps}
+
+
+def _finetune_and_export(state: WorkflowState, config: WorkflowConfig, strategy: str, i: int, name: str,
+                         labelled: list[str], models: list[ModelInfo], elements: Sequence[str]) -> ModelInfo:
+    """Fine-tune on every frame labelled so far (segments 0..i) and export for LAMMPS."""
+    ft_stage = f"{strategy}/ft-{i + 1:02d}"
+    deps_ft = [f"{strategy}/seg-{k:02d}/label" for k in range(i + 1)]
+    if models[-1].stage:
+        deps_ft.append(models[-1].stage)
+    ft = finetune_stage(state, config, ft_stage, model_name=name, train=list(labelled),
+                        start_model=_start_model(config, models), deps=deps_ft)
+    lammps = export_stage(state, config, name, ft["model"], elements, deps=[ft_stage])
+    return ModelInfo(name, ft["model"], lammps, tuple(labelled), ft["n_frames"], ft_stage)
+
+
 # ----------------------------------------------------------------------------- periodic / control
 def run_periodic(state: WorkflowState, config: WorkflowConfig, *, strategy: str = "periodic") -> StrategyResult:
     """One trajectory in segments; after each, label frames of its second half, fine-tune on the
@@ -81,9 +99,7 @@ def run_periodic(state: WorkflowState, config: WorkflowConfig, *, strategy: str 
                        structures=[start0] if previous_md is None else (), continue_from=previous_md,
                        deps=deps_md, elements=elements)
         offset = i * md.segment_ps()
-        segments.append({"name": seg, "model": models[-1].name if feedback else UNIVERSAL,
-                         "directory": run["directories"][0], "trajectory": run["trajectories"][0],
-                         "thermo": run["thermo"][0], "final": run["finals"][0], "time_offset_ps": offset})
+        segments.append(_segment_record(seg, models[-1].name if feedback else UNIVERSAL, run, offset))
         ex = extract_stage(state, config, f"{seg}/extract", trajectory=run["trajectories"][0],
                            start_ps=md.segment_ps() / 2, stop_ps=None, count=config.frames_per_segment,
                            seed=config.seed + i, time_offset_ps=offset, deps=[f"{seg}/md"],
@@ -92,16 +108,9 @@ def run_periodic(state: WorkflowState, config: WorkflowConfig, *, strategy: str 
         labelled.append(lab["labelled"])
         n_total += lab["n_labelled"]
         name = f"FT{i + 1}" if feedback else f"NP-{n_total}"
-        ft_stage = f"{strategy}/ft-{i + 1:02d}"
-        deps_ft = [f"{strategy}/seg-{k:02d}/label" for k in range(i + 1)]
-        if models[-1].stage:
-            deps_ft.append(models[-1].stage)
-        ft = finetune_stage(state, config, ft_stage, model_name=name, train=list(labelled),
-                            start_model=_start_model(config, models), deps=deps_ft)
-        lammps = export_stage(state, config, name, ft["model"], elements, deps=[ft_stage])
-        models.append(ModelInfo(name, ft["model"], lammps, tuple(labelled), ft["n_frames"], ft_stage))
+        models.append(_finetune_and_export(state, config, strategy, i, name, labelled, models, elements))
         if feedback:
-            md_model = lammps
+            md_model = models[-1].lammps_model
             deps_md = [f"{seg}/md", f"export/{name}"]
         else:
             deps_md = [f"{seg}/md"]
@@ -204,9 +213,7 @@ def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult
         if i == 0:
             run = md_stage(state, config, f"{seg}/md", model=md_model, steps=md.segment_steps, seed=md.seed,
                            structures=[start0], deps=deps_md, elements=elements)
-            segments.append({"name": seg, "model": UNIVERSAL, "directory": run["directories"][0],
-                             "trajectory": run["trajectories"][0], "thermo": run["thermo"][0],
-                             "final": run["finals"][0], "time_offset_ps": 0.0})
+            segments.append(_segment_record(seg, UNIVERSAL, run, 0.0))
             ex = extract_stage(state, config, f"{seg}/extract", trajectory=run["trajectories"][0],
                                start_ps=md.segment_ps() / 2, stop_ps=None, count=config.frames_per_segment,
                                seed=config.seed, deps=[f"{seg}/md"], tag={"strategy": "adaptive", "iteration": 0})
@@ -221,9 +228,7 @@ def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult
                 chunk = f"{seg}/chunk-{c:02d}"
                 run = md_stage(state, config, f"{chunk}/md", model=md_model, steps=ad.chunk_steps, seed=md.seed,
                                continue_from=previous_md, deps=chunk_deps, elements=elements)
-                segments.append({"name": chunk, "model": models[-1].name, "directory": run["directories"][0],
-                                 "trajectory": run["trajectories"][0], "thermo": run["thermo"][0],
-                                 "final": run["finals"][0], "time_offset_ps": time_ps})
+                segments.append(_segment_record(chunk, models[-1].name, run, time_ps))
                 time_ps += ad.chunk_steps * md.timestep_fs / 1000.0
                 pieces.append(f"{chunk}/md")
                 previous_md, chunk_deps = run["directories"][0], [f"{chunk}/md"]
@@ -236,15 +241,8 @@ def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult
             frames = _select_outside_stage(state, config, select_stage, pieces, i)["frames"]
         lab = label_stage(state, config, f"{seg}/label", frames=frames, deps=[select_stage])
         labelled.append(lab["labelled"])
-        ft_stage = f"adaptive/ft-{i + 1:02d}"
-        deps_ft = [f"adaptive/seg-{k:02d}/label" for k in range(i + 1)]
-        if models[-1].stage:
-            deps_ft.append(models[-1].stage)
-        ft = finetune_stage(state, config, ft_stage, model_name=f"AD{i + 1}", train=list(labelled),
-                            start_model=_start_model(config, models), deps=deps_ft)
-        lammps = export_stage(state, config, f"AD{i + 1}", ft["model"], elements, deps=[ft_stage])
-        models.append(ModelInfo(f"AD{i + 1}", ft["model"], lammps, tuple(labelled), ft["n_frames"], ft_stage))
-        md_model = lammps
+        models.append(_finetune_and_export(state, config, "adaptive", i, f"AD{i + 1}", labelled, models, elements))
+        md_model = models[-1].lammps_model
         deps_md = [last_dep, f"export/AD{i + 1}"]
     return StrategyResult("adaptive", models, segments, labelled)
 
