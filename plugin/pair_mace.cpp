@@ -34,11 +34,19 @@
 
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 using namespace LAMMPS_NS;
+
+// Defined in libumlipft_kernels.so; calling it keeps that library (and the TorchScript ops it
+// registers, which optimised exports use) linked even under --as-needed.
+extern "C" int umlipft_kernels_abi_version();
 
 namespace {
 
@@ -61,6 +69,24 @@ int atomic_number(const std::string &symbol)
   for (std::size_t z = 0; z < ELEMENTS.size(); ++z)
     if (symbol == ELEMENTS[z]) return static_cast<int>(z) + 1;
   return 0;
+}
+
+// libtorch allocates and frees tens of MB per step (edge x channel tensors and their gradients).
+// glibc serves such blocks with fresh mmap()s and trims freed heap back to the kernel, so every
+// step page-faults them in again: about a third of a float64 step on 2 cores. Keeping them in
+// the heap (the classic MALLOC_MMAP_MAX_=0 / MALLOC_TRIM_THRESHOLD_ HPC setting) costs only
+// memory the step needs anyway. UMLIPFT_NO_MALLOC_TUNING=1 leaves malloc alone.
+void tune_malloc_for_steady_state()
+{
+#if defined(__GLIBC__)
+  static bool done = false;
+  if (done) return;
+  done = true;
+  const char *off = std::getenv("UMLIPFT_NO_MALLOC_TUNING");
+  if (off && std::strcmp(off, "1") == 0) return;
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, -1);
+#endif
 }
 
 std::string element_symbol(int z)
@@ -99,6 +125,7 @@ PairMACE::PairMACE(LAMMPS *lmp) :
   // owned graph, where ghost images never receive forces.
   no_virial_fdotr_compute = 1;
   centroidstressflag = CENTROID_NOTAVAIL;
+  tune_malloc_for_steady_state();
 }
 
 PairMACE::~PairMACE()
@@ -193,6 +220,8 @@ void PairMACE::coeff(int narg, char **arg)
       error->all(FLERR, "pair_style mace: cannot open model file '{}'; {}", model_file, EXPORT_HINT);
   }
 
+  if (umlipft_kernels_abi_version() != 1)
+    error->all(FLERR, "pair_style mace: libumlipft_kernels.so does not match this plugin; reinstall umlipft");
   auto loaded = std::make_unique<MACEModel>();
   torch::jit::ExtraFilesMap extra{{METADATA_NAME, ""}};
   try {

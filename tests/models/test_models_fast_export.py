@@ -142,6 +142,8 @@ def test_config_flags():
     assert ExportConfig(model="small", elements=("H",)).optimized
     assert not ExportConfig(model="small").optimized
     assert ExportConfig(model="small", optimize=True).optimized
+    with pytest.raises(ConfigError, match="--no-kernels applies to optimised exports"):
+        ExportConfig(model="small", reference=True, kernels=False).validate()
 
 
 def test_cli_export_flags():
@@ -152,7 +154,8 @@ def test_cli_export_flags():
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     args = parser.parse_args(["export", "small", "--elements", "H", "O", "--dtype", "float32"])
-    assert args.elements == ["H", "O"] and not args.reference
+    assert args.elements == ["H", "O"] and not args.reference and args.kernels
+    assert not parser.parse_args(["export", "small", "--elements", "H", "--no-kernels"]).kernels
     args = parser.parse_args(["export", "small", "--reference"])
     assert args.reference and args.elements is None
     with pytest.raises(SystemExit):
@@ -168,7 +171,18 @@ def test_metadata_of_optimised_export(exports):
     assert meta["fused_products"] == 2
     assert meta["check_max_edge_gradient_dev"] < 1e-9
     assert meta["model_class"] == "ScaleShiftMACE"
+    assert meta["kernels"] == ["umlipft::scalar_conv"]
     assert not read_export_metadata(exports("float64", False))["optimized"]
+
+
+def test_pure_pytorch_optimised_export_equals_kernel_export(exports, small_model_path, tmp_path):
+    pure = export_lammps_model(ExportConfig(model=str(small_model_path), output=str(tmp_path / "pure.pt"),
+                                            dtype="float64", elements=ELEMENTS, kernels=False))
+    assert read_export_metadata(pure)["kernels"] == []
+    atoms = mixed_box(seed=11)
+    with_kernels = lammps_single_point(atoms, exports("float64", True), list(ELEMENTS))
+    without = lammps_single_point(atoms, pure, list(ELEMENTS))
+    compare(with_kernels, without, FAST_FP64_FORCE_EV_A, FAST_FP64_ENERGY_EV, FAST_FP64_STRESS_EV_A3)
 
 
 @pytest.mark.parametrize("build", [mixed_box, triclinic_water_box, cobalt_chloride_crystal, isolated_water_and_ion],

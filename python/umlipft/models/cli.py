@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument(
         "--optimize", action="store_true",
         help="use the optimised convolution even without --elements (all elements kept)")
+    export.add_argument(
+        "--no-kernels", dest="kernels", action="store_false",
+        help="optimised export without umlipft's compiled CPU kernels (pure PyTorch; for checking)")
     export.set_defaults(func=_export)
 
     models = subparsers.add_parser("models", help="manage offline foundation models")
@@ -47,7 +50,8 @@ def _export(args: argparse.Namespace) -> int:
 
     config = ExportConfig(model=args.model, output=args.output or "", dtype=args.dtype, head=args.head,
                           elements=tuple(args.elements) if args.elements else None,
-                          reference=args.reference, optimize=True if args.optimize else None)
+                          reference=args.reference, optimize=True if args.optimize else None,
+                          kernels=args.kernels)
     config.validate()
     path = export_lammps_model(config)
     print(f"wrote {path}")

@@ -29,10 +29,14 @@ class ExportConfig(DriverConfig):
     reference: bool = False
     # None: optimise when elements are given; True: fuse the convolution even for all elements.
     optimize: bool | None = None
+    # Optimised exports call umlipft's compiled CPU kernels when built; False keeps them pure PyTorch.
+    kernels: bool = True
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.reference and not self.kernels:
+            raise ConfigError("--no-kernels applies to optimised exports; --reference never uses kernels")
         if self.reference and (self.elements or self.optimize):
             raise ConfigError("--reference exports the plain mace-torch model with all its elements; "
                               "drop --elements/--optimize, or drop --reference")
@@ -125,6 +129,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
 
     from .fast import fuse_interactions, fuse_products, max_deviation, restrict_elements
     from .foundation import load_mace_model
+    from .kernels import kernels_path, load_kernels
     from .lammps_module import MACEEdgeGradientModel
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
@@ -143,7 +148,11 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
                 restricted = True
             except InputError as err:
                 warnings.warn(f"exporting all elements: {err}")
-    fused = fuse_interactions(work)
+    use_kernels = config.kernels and load_kernels()
+    if config.kernels and not use_kernels:
+        warnings.warn(f"{kernels_path()} is not built: exporting the pure PyTorch optimised path "
+                      "(slower on CPU); rebuild umlipft to get the compiled kernels")
+    fused = fuse_interactions(work, kernels=use_kernels)
     fused_products = fuse_products(work)
     work = work.to(dtype).eval()
     wrapper = MACEEdgeGradientModel(work, head_index).eval()
@@ -162,6 +171,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
         "elements_restricted": restricted,
         "fused_interactions": fused,
         "fused_products": fused_products,
+        "kernels": ["umlipft::scalar_conv"] if use_kernels and fused else [],
         "check_max_node_energy_dev": energy_dev,
         "check_max_edge_gradient_dev": gradient_dev,
     }
@@ -196,10 +206,15 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"exported model {path} does not exist")
+    from .kernels import load_kernels, require_kernels
+
+    load_kernels()  # optimised exports call torch.ops.umlipft.*, resolved at load time
     extra = {METADATA_NAME: ""}
     try:
         torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as err:
+        if "umlipft::" in str(err):
+            require_kernels()
         raise InputError(f"{path} is not a TorchScript file: {err}") from None
     if not extra[METADATA_NAME]:
         raise InputError(f"{path} was not written by umlipft export; run: umlipft export MODEL -o {path}")

@@ -119,6 +119,10 @@ class FusedScalarConv(torch.nn.Module):
 
     def forward(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
                 edge_index: torch.Tensor) -> torch.Tensor:
+        return self.batched_matmul_conv(node_feats, edge_attrs, tp_weights, edge_index)
+
+    def batched_matmul_conv(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
+                            edge_index: torch.Tensor) -> torch.Tensor:
         sender = edge_index[0]
         receiver = edge_index[1]
         num_nodes = node_feats.shape[0]
@@ -154,6 +158,26 @@ class FusedScalarConv(torch.nn.Module):
             block = torch.bmm(yt[:, s:s + d, :], h_paths[b])                   # [nodes, d, C]
             blocks.append(block.transpose(1, 2).reshape(num_nodes, C * d))
         return torch.cat(blocks, dim=1)
+
+
+@compile_mode("script")
+class KernelScalarConv(FusedScalarConv):
+    """FusedScalarConv through the compiled ``umlipft::scalar_conv`` op on CPU.
+
+    The op accumulates each receiver's messages in a cache-resident buffer and streams the
+    per-edge weights once in forward and once in backward; on other devices (GPUs) the batched
+    matmul path of FusedScalarConv runs. The library must be loaded (:func:`load_kernels`)
+    before this module is built, scripted or loaded.
+    """
+
+    def forward(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
+                edge_index: torch.Tensor) -> torch.Tensor:
+        if node_feats.device.type != "cpu":
+            return self.batched_matmul_conv(node_feats, edge_attrs, tp_weights, edge_index)
+        y = edge_attrs * self.sh_scale.to(edge_attrs.dtype)
+        edges = edge_index.to(torch.long)
+        return torch.ops.umlipft.scalar_conv(node_feats, tp_weights, y, edges[0], edges[1],
+                                             self.path_sh_start, self.path_sh_dim, self.path_weight_block)
 
 
 def scalar_conv_spec(conv_tp: torch.nn.Module) -> Dict | None:
@@ -362,8 +386,10 @@ def _same_contraction(original: torch.nn.Module, fast: torch.nn.Module) -> bool:
     return got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-12 * scale
 
 
-def fuse_interactions(model: torch.nn.Module) -> int:
-    """Swap the convolution of every eligible interaction for FusedScalarConv; in place."""
+def fuse_interactions(model: torch.nn.Module, kernels: bool = False) -> int:
+    """Swap the convolution of every eligible interaction for FusedScalarConv (KernelScalarConv
+    with ``kernels``, which needs :func:`load_kernels`); in place."""
+    conv_class = KernelScalarConv if kernels else FusedScalarConv
     fused = 0
     for interaction in getattr(model, "interactions", []):
         if hasattr(interaction, "conv_fusion"):
@@ -374,7 +400,7 @@ def fuse_interactions(model: torch.nn.Module) -> int:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            interaction.conv_tp = FusedScalarConv(interaction.conv_tp)
+            interaction.conv_tp = conv_class(interaction.conv_tp)
         finally:
             torch.set_default_dtype(previous)
         interaction.conv_fusion = "umlipft"

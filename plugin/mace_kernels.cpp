@@ -1,0 +1,303 @@
+/* ----------------------------------------------------------------------
+   umlipft: fused CPU kernels for exported MACE models.
+   Copyright (C) 2026 the umlipft developers. GPL-2.0-or-later.
+
+   umlipft::scalar_conv is the convolution of a MACE interaction whose node features entering
+   it are scalars (every layer of MACE-MP-0 small, the first layer of any MACE):
+
+     out[i, p, c, m] = sum over edges e -> i of  w[e, p, c] * x[sender(e), c] * Y[e, m]
+
+   for every path p of the tensor product (m runs over that path's block of spherical
+   harmonics; e3nn's path constant is folded into Y by the caller). mace-torch materialises the
+   edges x channels x (lmax+1)^2 message and scatters it; here each receiver's sum is
+   accumulated in a small cache-resident buffer, so forward and backward each stream the
+   per-edge weights once and never build an edge x channel x irrep tensor.
+
+   The op is registered with TorchScript (TORCH_LIBRARY) so that exported models call it from
+   LAMMPS and from Python alike. First derivatives only: MD needs forces, training through
+   this op (forces in the loss) would need the second and is refused with a clear error.
+------------------------------------------------------------------------- */
+
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include "mace_kernels.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+extern "C" __attribute__((visibility("default"))) int umlipft_kernels_abi_version() { return 1; }
+
+namespace {
+
+using namespace umlipft;
+
+using torch::Tensor;
+
+// Edges of each receiver as a contiguous range of `order` (CSR); `order` is empty when the
+// edge list is already grouped by receiver (what pair_style mace builds).
+struct ReceiverRanges {
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> order;
+  int64_t edge(int64_t k) const { return order.empty() ? k : order[k]; }
+};
+
+ReceiverRanges group_by_receiver(const int64_t *receiver, const int64_t *sender, int64_t num_edges,
+                                 int64_t num_nodes)
+{
+  ReceiverRanges ranges;
+  ranges.offsets.assign(num_nodes + 1, 0);
+  bool sorted = true;
+  for (int64_t e = 0; e < num_edges; ++e) {
+    const int64_t r = receiver[e];
+    TORCH_CHECK(r >= 0 && r < num_nodes, "umlipft::scalar_conv: receiver index ", r,
+                " out of range for ", num_nodes, " nodes");
+    TORCH_CHECK(sender[e] >= 0 && sender[e] < num_nodes, "umlipft::scalar_conv: sender index ",
+                sender[e], " out of range for ", num_nodes, " nodes");
+    ranges.offsets[r + 1] += 1;
+    if (e > 0 && r < receiver[e - 1]) sorted = false;
+  }
+  for (int64_t i = 0; i < num_nodes; ++i) ranges.offsets[i + 1] += ranges.offsets[i];
+  if (!sorted) {
+    ranges.order.resize(num_edges);
+    std::vector<int64_t> fill(ranges.offsets.begin(), ranges.offsets.end() - 1);
+    for (int64_t e = 0; e < num_edges; ++e) ranges.order[fill[receiver[e]]++] = e;
+  }
+  return ranges;
+}
+
+// Layout of the tensor-product paths: spherical-harmonic rows, weight block and output block.
+struct Paths {
+  std::vector<int64_t> sh_start, sh_dim, weight_block, out_start;
+  int64_t count() const { return static_cast<int64_t>(sh_start.size()); }
+};
+
+Paths check_paths(const std::vector<int64_t> &sh_start, const std::vector<int64_t> &sh_dim,
+                  const std::vector<int64_t> &weight_block, int64_t sh_total, int64_t num_blocks)
+{
+  const auto count = static_cast<int64_t>(sh_start.size());
+  TORCH_CHECK(count > 0 && static_cast<int64_t>(sh_dim.size()) == count &&
+                  static_cast<int64_t>(weight_block.size()) == count,
+              "umlipft::scalar_conv: path lists must be non-empty and of equal length");
+  TORCH_CHECK(num_blocks == count, "umlipft::scalar_conv: weights hold ", num_blocks,
+              " blocks of channels for ", count, " paths");
+  std::vector<int> block_used(count, 0), row_used(sh_total, 0);
+  Paths paths{sh_start, sh_dim, weight_block, {}};
+  int64_t out = 0;
+  for (int64_t p = 0; p < count; ++p) {
+    TORCH_CHECK(weight_block[p] >= 0 && weight_block[p] < count && !block_used[weight_block[p]]++,
+                "umlipft::scalar_conv: weight blocks must be a permutation of the paths");
+    TORCH_CHECK(sh_dim[p] > 0 && sh_start[p] >= 0 && sh_start[p] + sh_dim[p] <= sh_total,
+                "umlipft::scalar_conv: path ", p, " reads spherical-harmonic rows outside 0..", sh_total);
+    for (int64_t m = sh_start[p]; m < sh_start[p] + sh_dim[p]; ++m)
+      TORCH_CHECK(!row_used[m]++, "umlipft::scalar_conv: two paths share spherical-harmonic row ", m);
+    paths.out_start.push_back(out);
+    out += sh_dim[p];
+  }
+  return paths;
+}
+
+// Instruction set of the loops: the widest this CPU runs, or UMLIPFT_KERNEL_ISA
+// (generic | avx2 | avx512) for comparisons; an unusable request is an error, not a fallback.
+enum class Isa { generic, avx2, avx512 };
+
+const char *isa_name(Isa isa)
+{
+  return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "generic";
+}
+
+Isa detect_isa()
+{
+#if defined(UMLIPFT_HAVE_X86_KERNELS)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  const bool avx2 = false, avx512 = false;
+#endif
+  const Isa best = avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::generic;
+  const char *requested = std::getenv("UMLIPFT_KERNEL_ISA");
+  if (!requested || !*requested) return best;
+  const std::string name(requested);
+  TORCH_CHECK(name == "generic" || name == "avx2" || name == "avx512",
+              "UMLIPFT_KERNEL_ISA='", name, "' is not one of generic, avx2, avx512; unset it to use the best");
+  const Isa isa = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::generic;
+  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "UMLIPFT_KERNEL_ISA=", name,
+              ": this CPU (or this build) supports up to ", isa_name(best), "; unset it or pick a lower one");
+  return isa;
+}
+
+Isa active_isa()
+{
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+template <typename T> void run_forward(const ConvLayout &layout, const ConvForwardArgs<T> &args, int64_t num_nodes)
+{
+  const Isa isa = active_isa();
+  at::parallel_for(0, num_nodes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(layout.S * layout.C);
+    switch (isa) {
+#if defined(UMLIPFT_HAVE_X86_KERNELS)
+      case Isa::avx512: avx512::conv_forward(layout, args, begin, end, scratch.data()); break;
+      case Isa::avx2: avx2::conv_forward(layout, args, begin, end, scratch.data()); break;
+#endif
+      default: generic::conv_forward(layout, args, begin, end, scratch.data());
+    }
+  });
+}
+
+template <typename T>
+void run_backward(const ConvLayout &layout, const ConvBackwardArgs<T> &args, int64_t num_nodes)
+{
+  const Isa isa = active_isa();
+  at::parallel_for(0, num_nodes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(layout.S * layout.C);
+    switch (isa) {
+#if defined(UMLIPFT_HAVE_X86_KERNELS)
+      case Isa::avx512: avx512::conv_backward(layout, args, begin, end, scratch.data()); break;
+      case Isa::avx2: avx2::conv_backward(layout, args, begin, end, scratch.data()); break;
+#endif
+      default: generic::conv_backward(layout, args, begin, end, scratch.data());
+    }
+  });
+}
+
+ConvLayout make_layout(const ReceiverRanges &ranges, const Tensor &sender, const Paths &paths, int64_t C, int64_t S)
+{
+  return ConvLayout{ranges.offsets.data(), ranges.order.empty() ? nullptr : ranges.order.data(),
+                    sender.data_ptr<int64_t>(), C, S, paths.count(), paths.sh_start.data(),
+                    paths.sh_dim.data(), paths.weight_block.data(), paths.out_start.data()};
+}
+
+struct Inputs {
+  Tensor x, w, y, sender, receiver;
+  int64_t num_nodes, num_edges, C, S;
+};
+
+Inputs check_inputs(const Tensor &node_feats, const Tensor &weights, const Tensor &sh, const Tensor &sender,
+                    const Tensor &receiver)
+{
+  TORCH_CHECK(node_feats.device().is_cpu(),
+              "umlipft::scalar_conv is a CPU kernel; on GPUs the exported model uses its pure "
+              "PyTorch convolution (this call should not happen: report it)");
+  TORCH_CHECK(node_feats.dim() == 2 && weights.dim() == 2 && sh.dim() == 2,
+              "umlipft::scalar_conv: node_feats [N,C], weights [E,P*C] and sh [E,S] must be 2-D");
+  TORCH_CHECK(node_feats.scalar_type() == weights.scalar_type() && sh.scalar_type() == weights.scalar_type(),
+              "umlipft::scalar_conv: node_feats, weights and sh must share one dtype");
+  TORCH_CHECK(node_feats.scalar_type() == torch::kFloat || node_feats.scalar_type() == torch::kDouble,
+              "umlipft::scalar_conv: float32 or float64 only");
+  TORCH_CHECK(sender.scalar_type() == torch::kLong && receiver.scalar_type() == torch::kLong,
+              "umlipft::scalar_conv: edge indices must be int64");
+  Inputs in;
+  in.x = node_feats.contiguous();
+  in.w = weights.contiguous();
+  in.y = sh.contiguous();
+  in.sender = sender.contiguous();
+  in.receiver = receiver.contiguous();
+  in.num_nodes = in.x.size(0);
+  in.C = in.x.size(1);
+  in.num_edges = in.sender.numel();
+  in.S = in.y.size(1);
+  TORCH_CHECK(in.S <= MAX_SH_ROWS, "umlipft::scalar_conv: ", in.S, " spherical-harmonic rows, more than the ",
+              MAX_SH_ROWS, " (lmax 7) the kernel supports; export with --no-kernels");
+  TORCH_CHECK(in.receiver.numel() == in.num_edges && in.w.size(0) == in.num_edges && in.y.size(0) == in.num_edges,
+              "umlipft::scalar_conv: sender, receiver, weights and sh must have one row per edge");
+  TORCH_CHECK(in.C > 0 && in.w.size(1) % in.C == 0,
+              "umlipft::scalar_conv: weights have ", in.w.size(1), " columns, not a multiple of ", in.C,
+              " channels");
+  return in;
+}
+
+class ScalarConv : public torch::autograd::Function<ScalarConv> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext *ctx, const Tensor &node_feats, const Tensor &weights,
+                        const Tensor &sh, const Tensor &sender, const Tensor &receiver,
+                        std::vector<int64_t> path_sh_start, std::vector<int64_t> path_sh_dim,
+                        std::vector<int64_t> path_weight_block)
+  {
+    Inputs in = check_inputs(node_feats, weights, sh, sender, receiver);
+    const Paths paths = check_paths(path_sh_start, path_sh_dim, path_weight_block, in.S, in.w.size(1) / in.C);
+    int64_t out_rows = 0;
+    for (auto d : path_sh_dim) out_rows += d;
+    Tensor out = torch::empty({in.num_nodes, in.C * out_rows}, in.x.options());
+    const auto ranges = group_by_receiver(in.receiver.data_ptr<int64_t>(), in.sender.data_ptr<int64_t>(), in.num_edges, in.num_nodes);
+    const ConvLayout layout = make_layout(ranges, in.sender, paths, in.C, in.S);
+    AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "umlipft_scalar_conv", [&] {
+      run_forward<scalar_t>(layout,
+                            {in.x.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(), in.y.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>()},
+                            in.num_nodes);
+    });
+    ctx->save_for_backward({in.x, in.w, in.y, in.sender, in.receiver});
+    ctx->saved_data["sh_start"] = path_sh_start;
+    ctx->saved_data["sh_dim"] = path_sh_dim;
+    ctx->saved_data["weight_block"] = path_weight_block;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grad_outputs)
+  {
+    TORCH_CHECK(!torch::GradMode::is_enabled(),
+                "umlipft::scalar_conv has first derivatives only (forces, virials): a second "
+                "derivative was requested (create_graph=True, e.g. training on forces). Train with "
+                "mace-torch or use a model exported with --reference");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &y = saved[2], &sender = saved[3], &receiver = saved[4];
+    const auto sh_start = ctx->saved_data["sh_start"].toIntVector();
+    const auto sh_dim = ctx->saved_data["sh_dim"].toIntVector();
+    const auto weight_block = ctx->saved_data["weight_block"].toIntVector();
+    const int64_t num_nodes = x.size(0), C = x.size(1), S = y.size(1), num_edges = sender.numel();
+    const Paths paths = check_paths(sh_start, sh_dim, weight_block, S, w.size(1) / C);
+    const Tensor grad_out = grad_outputs[0].contiguous();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_y = ctx->needs_input_grad(2);
+    Tensor grad_w = need_w ? torch::empty_like(w) : Tensor();
+    Tensor grad_y = need_y ? torch::zeros_like(y) : Tensor();    // rows of no path stay zero
+    Tensor grad_x_edge = need_x ? torch::empty({num_edges, C}, x.options()) : Tensor();
+    const auto ranges = group_by_receiver(receiver.data_ptr<int64_t>(), sender.data_ptr<int64_t>(), num_edges, num_nodes);
+    const ConvLayout layout = make_layout(ranges, sender, paths, C, S);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "umlipft_scalar_conv_backward", [&] {
+      run_backward<scalar_t>(layout,
+                             {x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                              grad_out.data_ptr<scalar_t>(), need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
+                              need_x ? grad_x_edge.data_ptr<scalar_t>() : nullptr,
+                              need_y ? grad_y.data_ptr<scalar_t>() : nullptr},
+                             num_nodes);
+    });
+    Tensor grad_x;
+    if (need_x) grad_x = torch::zeros_like(x).index_add_(0, sender, grad_x_edge);
+    return {grad_x, grad_w, grad_y, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor scalar_conv(const Tensor &node_feats, const Tensor &weights, const Tensor &sh, const Tensor &sender,
+                   const Tensor &receiver, c10::IntArrayRef path_sh_start, c10::IntArrayRef path_sh_dim,
+                   c10::IntArrayRef path_weight_block)
+{
+  return ScalarConv::apply(node_feats, weights, sh, sender, receiver, path_sh_start.vec(), path_sh_dim.vec(),
+                           path_weight_block.vec());
+}
+
+}    // namespace
+
+std::string kernel_isa() { return isa_name(active_isa()); }
+
+TORCH_LIBRARY(umlipft, m)
+{
+  m.def("kernel_isa() -> str", kernel_isa);
+  m.def("scalar_conv(Tensor node_feats, Tensor weights, Tensor sh, Tensor sender, Tensor receiver, "
+        "int[] path_sh_start, int[] path_sh_dim, int[] path_weight_block) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(umlipft, CompositeImplicitAutograd, m)
+{
+  m.impl("scalar_conv", scalar_conv);
+}

@@ -1,0 +1,188 @@
+"""The compiled ``umlipft::scalar_conv`` kernel against e3nn + scatter and its own PyTorch twin.
+
+Every instruction-set build this CPU can run is checked (each in its own process: the build is
+chosen once per process), with channel counts that do and do not fill whole vectors, edges in
+any order, atoms without neighbours, and first derivatives by finite differences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from umlipft.models.kernels import load_kernels
+
+pytestmark = pytest.mark.skipif(not load_kernels(), reason="libumlipft_kernels.so is not built")
+
+# The same sums in another order, float64.
+KERNEL_FP64_REL = 1e-12
+
+
+def scalar_tp(channels: int, lmax: int):
+    """An e3nn 'uvu' tensor product Cx0e x Y(lmax) -> C x (0e + 1o + ...), external weights, as MACE."""
+    from e3nn import o3
+    from mace.modules.irreps_tools import tp_out_irreps_with_instructions
+
+    irreps_in = o3.Irreps(f"{channels}x0e")
+    sh = o3.Irreps.spherical_harmonics(lmax)
+    target = o3.Irreps(" + ".join(f"{channels}x{ir}" for _, ir in sh))
+    irreps_mid, instructions = tp_out_irreps_with_instructions(irreps_in, sh, target)
+    torch.set_default_dtype(torch.float64)
+    return o3.TensorProduct(irreps_in, sh, irreps_mid, instructions=instructions, shared_weights=False,
+                            internal_weights=False)
+
+
+def random_graph(tp, nodes: int, edges: int, seed: int, sorted_receivers: bool):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(nodes, tp.irreps_in1.dim, generator=gen, dtype=torch.float64)
+    y = torch.randn(edges, tp.irreps_in2.dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(edges, tp.weight_numel, generator=gen, dtype=torch.float64)
+    edge_index = torch.randint(0, nodes - 1, (2, edges), generator=gen)  # the last node: no edges
+    if sorted_receivers:
+        edge_index = edge_index[:, torch.argsort(edge_index[1], stable=True)]
+    return x, y, w, edge_index
+
+
+@pytest.mark.parametrize("channels,lmax", [(16, 3), (20, 1), (7, 2)], ids=["C16-l3", "C20-l1", "C7-l2"])
+@pytest.mark.parametrize("sorted_receivers", [True, False], ids=["grouped", "shuffled"])
+def test_kernel_equals_e3nn_and_scatter_values_and_gradients(channels, lmax, sorted_receivers):
+    from mace.tools.scatter import scatter_sum
+
+    from umlipft.models.fast import FusedScalarConv, KernelScalarConv
+
+    tp = scalar_tp(channels, lmax)
+    kernel = torch.jit.script(KernelScalarConv(tp))
+    pure = FusedScalarConv(tp)
+    x, y, w, edge_index = random_graph(tp, nodes=9, edges=60, seed=channels, sorted_receivers=sorted_receivers)
+    inputs = [t.clone().requires_grad_(True) for t in (x, y, w)]
+    expected = scatter_sum(tp(inputs[0][edge_index[0]], inputs[1], inputs[2]), edge_index[1], dim=0, dim_size=9)
+    got_inputs = [t.clone().requires_grad_(True) for t in (x, y, w)]
+    got = kernel(got_inputs[0], got_inputs[1], got_inputs[2], edge_index)
+    scale = float(expected.detach().abs().max())
+    torch.testing.assert_close(got, expected, rtol=0, atol=KERNEL_FP64_REL * scale)
+    torch.testing.assert_close(pure(x, y, w, edge_index), expected, rtol=0, atol=KERNEL_FP64_REL * scale)
+    assert torch.count_nonzero(got[8]) == 0
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = torch.autograd.grad(expected, inputs, grad_out)
+    have = torch.autograd.grad(got, got_inputs, grad_out)
+    for name, a, b in zip(("node_feats", "sh", "weights"), have, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=KERNEL_FP64_REL * float(b.abs().max()), msg=name)
+
+
+def test_kernel_first_derivatives_by_finite_differences():
+    tp = scalar_tp(5, 1)
+    from umlipft.models.fast import KernelScalarConv
+
+    conv = KernelScalarConv(tp)
+    x, y, w, edge_index = random_graph(tp, nodes=4, edges=12, seed=3, sorted_receivers=False)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (x, y, w))
+    assert torch.autograd.gradcheck(lambda a, b, c: conv(a, b, c, edge_index), inputs, eps=1e-6, atol=1e-7)
+
+
+def test_kernel_float32_matches_float64():
+    from umlipft.models.fast import KernelScalarConv
+
+    tp = scalar_tp(32, 3)
+    conv = KernelScalarConv(tp)
+    x, y, w, edge_index = random_graph(tp, nodes=12, edges=150, seed=4, sorted_receivers=True)
+    ref = conv(x, y, w, edge_index)
+    got = KernelScalarConv(tp).float()(x.float(), y.float(), w.float(), edge_index)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_no_edges_gives_zero_messages():
+    from umlipft.models.fast import KernelScalarConv
+
+    tp = scalar_tp(16, 2)
+    conv = KernelScalarConv(tp)
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    out = conv(x, torch.zeros(0, 9, dtype=torch.float64), torch.zeros(0, tp.weight_numel, dtype=torch.float64),
+               torch.zeros(2, 0, dtype=torch.long))
+    assert out.shape == (3, 16 * 9) and out.abs().sum() == 0
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.abs().sum() == 0
+
+
+def test_second_derivative_is_refused_with_the_way_out():
+    from umlipft.models.fast import KernelScalarConv
+
+    tp = scalar_tp(4, 1)
+    x, y, w, edge_index = random_graph(tp, nodes=3, edges=6, seed=5, sorted_receivers=True)
+    w.requires_grad_(True)
+    out = KernelScalarConv(tp)(x, y, w, edge_index)
+    # Training on forces differentiates the forces again: it needs create_graph=True.
+    with pytest.raises(RuntimeError, match="first derivatives only.*--reference"):
+        torch.autograd.grad(out.square().sum(), w, create_graph=True)
+    (g,) = torch.autograd.grad(out.square().sum(), w)  # forces alone are fine
+    assert torch.isfinite(g).all()
+
+
+def test_bad_edge_index_names_the_problem():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    w = torch.randn(2, 8, dtype=torch.float64)
+    y = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="receiver index 7 out of range for 3 nodes"):
+        torch.ops.umlipft.scalar_conv(x, w, y, torch.tensor([0, 1]), torch.tensor([1, 7]), [0, 1], [1, 3], [0, 1])
+    with pytest.raises(RuntimeError, match="weights hold 2 blocks of channels for 1 paths"):
+        torch.ops.umlipft.scalar_conv(x, w, y, torch.tensor([0, 1]), torch.tensor([1, 2]), [0], [1], [0])
+
+
+# ----------------------------------------------------------------------------- instruction sets
+
+CHILD = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_models_kernels import scalar_tp, random_graph
+    from umlipft.models.kernels import load_kernels
+    from umlipft.models.fast import KernelScalarConv
+    load_kernels()
+    out = {{"isa": torch.ops.umlipft.kernel_isa()}}
+    for channels, lmax in ((128, 3), (20, 1)):
+        tp = scalar_tp(channels, lmax)
+        x, y, w, edge_index = random_graph(tp, nodes=10, edges=90, seed=channels, sorted_receivers=False)
+        ins = [t.clone().requires_grad_(True) for t in (x, y, w)]
+        o = KernelScalarConv(tp)(ins[0], ins[1], ins[2], edge_index)
+        grads = torch.autograd.grad(o, ins, torch.ones_like(o))
+        out[str(channels)] = [o.tolist()] + [g.tolist() for g in grads]
+    print(json.dumps(out))
+""")
+
+
+def run_isa(isa: str) -> dict:
+    env = dict(os.environ, UMLIPFT_KERNEL_ISA=isa)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD.format(tests=tests)], env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_instruction_set_build_gives_the_same_numbers():
+    results = {isa: run_isa(isa) for isa in ("generic", "avx2", "avx512")}
+    assert "error" not in results["generic"], results["generic"]
+    usable = {isa: r for isa, r in results.items() if "error" not in r}
+    for isa, r in results.items():
+        if "error" in r:  # only a CPU without it (or a non-x86 build) may refuse, with the reason
+            assert "supports up to" in r["error"], r["error"]
+        else:
+            assert r["isa"] == isa
+    reference = usable["generic"]
+    for isa, r in usable.items():
+        for channels in ("128", "20"):
+            for a, b in zip(r[channels], reference[channels]):
+                ta, tb = torch.tensor(a), torch.tensor(b)
+                torch.testing.assert_close(ta, tb, rtol=0, atol=KERNEL_FP64_REL * float(tb.abs().max()),
+                                           msg=f"{isa} vs generic, {channels} channels")
+
+
+def test_unknown_instruction_set_request_says_what_is_allowed():
+    r = run_isa("sse9")
+    assert "error" in r and "UMLIPFT_KERNEL_ISA='sse9' is not one of generic, avx2, avx512" in r["error"]
