@@ -186,3 +186,45 @@ def test_every_instruction_set_build_gives_the_same_numbers():
 def test_unknown_instruction_set_request_says_what_is_allowed():
     r = run_isa("sse9")
     assert "error" in r and "UMLIPFT_KERNEL_ISA='sse9' is not one of generic, avx2, avx512" in r["error"]
+
+
+# ----------------------------------------------------------------------------- radial MLP
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, KERNEL_FP64_REL), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_folded_radial_mlp_equals_e3nn_values_and_input_gradient(small_model_path, dtype, rel):
+    from umlipft.models.fast import FusedRadialMLP, folded_radial_weights
+    from umlipft.models.foundation import load_mace_model
+
+    fc = load_mace_model(small_model_path, dtype="float64").interactions[1].conv_tp_weights
+    fused = torch.jit.script(FusedRadialMLP([w.to(dtype) for w in folded_radial_weights(fc)]))
+    fc = fc.to(dtype)
+    x = torch.randn(300, fc[0].weight.shape[0], generator=torch.Generator().manual_seed(2), dtype=dtype)
+    x_ref, x_new = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected, got = fc(x_ref), fused(x_new)
+    torch.testing.assert_close(got, expected, rtol=0, atol=rel * float(expected.detach().abs().max()))
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    (g_ref,) = torch.autograd.grad(expected, x_ref, grad_out)
+    (g_new,) = torch.autograd.grad(got, x_new, grad_out)
+    torch.testing.assert_close(g_new, g_ref, rtol=0, atol=rel * float(g_ref.abs().max()))
+
+
+def test_frozen_linear_refuses_trainable_weights_and_second_derivatives():
+    w = torch.randn(4, 3, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="frozen"):
+        torch.ops.umlipft.linear(x, w.clone().requires_grad_(True), w.t().contiguous())
+    out = torch.ops.umlipft.linear(x, w, w.t().contiguous())
+    torch.testing.assert_close(out, x @ w)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    assert torch.autograd.gradcheck(lambda a: torch.ops.umlipft.linear(a, w, w.t().contiguous()), (x,))
+
+
+def test_radial_mlp_that_is_not_silu_layers_is_left_alone():
+    from e3nn import nn
+
+    from umlipft.models.fast import folded_radial_weights
+
+    assert folded_radial_weights(nn.FullyConnectedNet([4, 8, 3], torch.tanh)) is None
+    assert folded_radial_weights(torch.nn.Linear(4, 3)) is None

@@ -127,7 +127,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
     import torch
     from ase.data import atomic_numbers as symbol_to_z
 
-    from .fast import fuse_interactions, fuse_products, max_deviation, restrict_elements
+    from .fast import fuse_interactions, fuse_products, fuse_radial_mlps, max_deviation, restrict_elements
     from .foundation import load_mace_model
     from .kernels import kernels_path, load_kernels
     from .lammps_module import MACEEdgeGradientModel
@@ -153,6 +153,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
         warnings.warn(f"{kernels_path()} is not built: exporting the pure PyTorch optimised path "
                       "(slower on CPU); rebuild umlipft to get the compiled kernels")
     fused = fuse_interactions(work, kernels=use_kernels)
+    fused_radial = fuse_radial_mlps(work) if use_kernels else 0
     fused_products = fuse_products(work)
     work = work.to(dtype).eval()
     wrapper = MACEEdgeGradientModel(work, head_index).eval()
@@ -171,7 +172,9 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
         "elements_restricted": restricted,
         "fused_interactions": fused,
         "fused_products": fused_products,
-        "kernels": ["umlipft::scalar_conv"] if use_kernels and fused else [],
+        "fused_radial_mlps": fused_radial,
+        "kernels": (["umlipft::scalar_conv"] if use_kernels and fused else [])
+                   + (["umlipft::linear"] if fused_radial else []),
         "check_max_node_energy_dev": energy_dev,
         "check_max_edge_gradient_dev": gradient_dev,
     }

@@ -250,6 +250,103 @@ def scalar_conv_spec(conv_tp: torch.nn.Module) -> Dict | None:
     return {"channels": channels, "paths": paths, "sh_dim": irreps_in2.dim, "out_dim": irreps_out.dim}
 
 
+# ----------------------------------------------------------------------------- radial MLP
+
+@compile_mode("script")
+class FrozenLinearLayer(torch.nn.Module):
+    """x @ weight (then SiLU unless last) through ``umlipft::linear``: oneDNN's GEMM for float32."""
+
+    def __init__(self, weight: torch.Tensor, silu: bool) -> None:
+        super().__init__()
+        self.silu = silu
+        self.register_buffer("weight", weight.detach().clone().contiguous())
+        self.register_buffer("weight_t", weight.detach().t().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            z = torch.ops.umlipft.linear(x, self.weight, self.weight_t)
+        else:
+            z = x @ self.weight
+        if self.silu:
+            return torch.nn.functional.silu(z)
+        return z
+
+
+@compile_mode("script")
+class FusedRadialMLP(torch.nn.Module):
+    """e3nn's FullyConnectedNet of SiLU layers with its normalisation constants folded into the weights.
+
+    Layer k of e3nn computes ``c_k * silu(x @ W_k / n_k)``; the constant ``c_k`` is moved into the
+    next layer's weights, so each layer is one product and one SiLU (the radial MLPs of MACE).
+    """
+
+    def __init__(self, weights: List[torch.Tensor]) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            [FrozenLinearLayer(w, silu=k < len(weights) - 1) for k, w in enumerate(weights)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def folded_radial_weights(fc: torch.nn.Module) -> List[torch.Tensor] | None:
+    """The folded float64 weights of an e3nn FullyConnectedNet of SiLU layers, or None."""
+    import math
+
+    if type(fc).__name__ != "FullyConnectedNet":
+        return None
+    layers = list(fc)
+    weights: List[torch.Tensor] = []
+    carry = 1.0  # output constant of the previous layer, folded into this one
+    for k, layer in enumerate(layers):
+        if type(layer).__name__ != "_Layer" or not hasattr(layer, "weight"):
+            return None
+        last = k == len(layers) - 1
+        act = layer.act
+        if last:
+            if act is not None:
+                return None
+            norm = math.sqrt(layer.h_in * layer.var_in / layer.var_out)
+            weights.append(layer.weight.detach().double() * (carry / norm))
+            break
+        if act is None or type(act).__name__ != "normalize2mom" or act.f is not torch.nn.functional.silu:
+            return None
+        weights.append(layer.weight.detach().double() * (carry / math.sqrt(layer.h_in * layer.var_in)))
+        carry = (1.0 if act._is_id else float(act.cst)) * math.sqrt(layer.var_out)
+    return weights
+
+
+def fuse_radial_mlps(model: torch.nn.Module) -> int:
+    """Swap every e3nn radial MLP of the interactions for FusedRadialMLP (needs the kernels)."""
+    fused = 0
+    for interaction in getattr(model, "interactions", []):
+        fc = getattr(interaction, "conv_tp_weights", None)
+        weights = folded_radial_weights(fc) if fc is not None else None
+        if weights is None:
+            continue
+        dtype = next(fc.parameters()).dtype
+        candidate = FusedRadialMLP([w.to(dtype) for w in weights])
+        if not _same_radial_mlp(fc, candidate):
+            continue
+        interaction.conv_tp_weights = candidate
+        fused += 1
+    return fused
+
+
+def _same_radial_mlp(original: torch.nn.Module, fast: torch.nn.Module) -> bool:
+    reference = copy.deepcopy(original).double()
+    candidate = copy.deepcopy(fast).double()
+    x = torch.randn(37, reference[0].weight.shape[0], generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    with torch.no_grad():
+        expected = reference(x)
+        got = candidate(x)
+    scale = float(expected.abs().max()) + 1e-300
+    return got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-12 * scale
+
+
 # ----------------------------------------------------------------------------- product basis
 
 # Largest per-element product tensor (entries, all elements) precomputed for one contraction.
