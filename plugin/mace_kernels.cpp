@@ -28,6 +28,7 @@
 
 #include "mace_kernels.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -289,6 +290,134 @@ Tensor scalar_conv(const Tensor &node_feats, const Tensor &weights, const Tensor
                            path_weight_block.vec());
 }
 
+// ---------------------------------------------------------------------------- product basis
+
+// spec = [C, L, num_contractions, then per contraction: corr, dim_out, R0, R1, t0_off, t1_off,
+// t2_off, out_col]; the module that builds `packed` (umlipft.models.fast) writes both.
+struct ProductPlan {
+  ProductLayout layout;
+  std::vector<int64_t> element_offsets, node_list;
+  int64_t scratch = 0;
+};
+
+ProductPlan make_product_plan(const Tensor &x, const Tensor &species, const Tensor &packed,
+                              const std::vector<int64_t> &spec)
+{
+  TORCH_CHECK(spec.size() >= 3, "umlipft::symmetric_contraction: spec too short");
+  ProductPlan plan;
+  ProductLayout &P = plan.layout;
+  P.C = spec[0];
+  P.L = spec[1];
+  P.num_contractions = spec[2];
+  TORCH_CHECK(P.num_contractions >= 1 && P.num_contractions <= MAX_CONTRACTIONS &&
+                  static_cast<int64_t>(spec.size()) == 3 + 8 * P.num_contractions,
+              "umlipft::symmetric_contraction: spec holds ", spec.size(), " numbers for ", P.num_contractions,
+              " contractions");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == P.C && x.size(2) == P.L, "umlipft::symmetric_contraction: x must be [N, ",
+              P.C, ", ", P.L, "], got ", x.sizes());
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == x.scalar_type(),
+              "umlipft::symmetric_contraction: packed must be 2-D with the dtype of x");
+  TORCH_CHECK(species.scalar_type() == torch::kLong && species.dim() == 1 && species.size(0) == x.size(0),
+              "umlipft::symmetric_contraction: species must be int64 [N]");
+  P.element_stride = packed.size(1);
+  int64_t out = 0, max_r0 = 0, max_r1 = 0;
+  for (int64_t j = 0; j < P.num_contractions; ++j) {
+    const int64_t *v = spec.data() + 3 + 8 * j;
+    ContractionSpec &c = P.spec[j];
+    c = ContractionSpec{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+    TORCH_CHECK(c.corr >= 1 && c.corr <= 3, "umlipft::symmetric_contraction: correlation ", c.corr,
+                " is not supported by the kernel (1-3); export with --no-kernels");
+    const int64_t t1_rows = c.corr == 3 ? c.R1 : c.dim_out;
+    TORCH_CHECK(c.out_col == out && c.R0 > 0 && c.t0_off + P.C * P.L * c.R0 <= P.element_stride &&
+                    (c.corr == 1 || c.t1_off + P.C * P.L * t1_rows <= P.element_stride) &&
+                    (c.corr < 3 || c.t2_off + P.C * P.L * c.dim_out <= P.element_stride),
+                "umlipft::symmetric_contraction: contraction ", j, " does not fit the packed tensors");
+    out += P.C * c.dim_out;
+    max_r0 = std::max(max_r0, c.R0);
+    max_r1 = std::max(max_r1, c.R1);
+  }
+  P.out_stride = out;
+  const int64_t num_nodes = x.size(0), num_elements = packed.size(0);
+  P.num_elements = num_elements;
+  const int64_t *sp = species.data_ptr<int64_t>();
+  plan.element_offsets.assign(num_elements + 1, 0);
+  for (int64_t n = 0; n < num_nodes; ++n) {
+    TORCH_CHECK(sp[n] >= 0 && sp[n] < num_elements, "umlipft::symmetric_contraction: species ", sp[n],
+                " out of range for ", num_elements, " elements");
+    plan.element_offsets[sp[n] + 1] += 1;
+  }
+  for (int64_t e = 0; e < num_elements; ++e) plan.element_offsets[e + 1] += plan.element_offsets[e];
+  plan.node_list.resize(num_nodes);
+  std::vector<int64_t> fill(plan.element_offsets.begin(), plan.element_offsets.end() - 1);
+  for (int64_t n = 0; n < num_nodes; ++n) plan.node_list[fill[sp[n]]++] = n;
+  P.element_offsets = plan.element_offsets.data();
+  P.node_list = plan.node_list.data();
+  plan.scratch = 2 * max_r0 + 2 * max_r1 + P.L;
+  return plan;
+}
+
+template <typename T> void run_product(const ProductPlan &plan, const ProductArgs<T> &args, int64_t num_elements)
+{
+  const Isa isa = active_isa();
+  at::parallel_for(0, num_elements * plan.layout.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(plan.scratch);
+    switch (isa) {
+#if defined(UMLIPFT_HAVE_X86_KERNELS)
+      case Isa::avx512: avx512::product(plan.layout, args, begin, end, scratch.data()); break;
+      case Isa::avx2: avx2::product(plan.layout, args, begin, end, scratch.data()); break;
+#endif
+      default: generic::product(plan.layout, args, begin, end, scratch.data());
+    }
+  });
+}
+
+class SymmetricContraction : public torch::autograd::Function<SymmetricContraction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext *ctx, const Tensor &x_in, const Tensor &species_in,
+                        const Tensor &packed_in, std::vector<int64_t> spec)
+  {
+    TORCH_CHECK(x_in.device().is_cpu(), "umlipft::symmetric_contraction is a CPU kernel");
+    TORCH_CHECK(x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kDouble,
+                "umlipft::symmetric_contraction: float32 or float64 only");
+    const Tensor x = x_in.contiguous(), species = species_in.contiguous(), packed = packed_in.contiguous();
+    const ProductPlan plan = make_product_plan(x, species, packed, spec);
+    Tensor out = torch::empty({x.size(0), plan.layout.out_stride}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "umlipft_symmetric_contraction", [&] {
+      run_product<scalar_t>(plan, {x.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                   nullptr, nullptr},
+                            packed.size(0));
+    });
+    ctx->save_for_backward({x, species, packed});
+    ctx->saved_data["spec"] = spec;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grad_outputs)
+  {
+    TORCH_CHECK(!torch::GradMode::is_enabled(),
+                "umlipft::symmetric_contraction has first derivatives only (forces, virials): a second "
+                "derivative was requested (create_graph=True, e.g. training on forces). Train with "
+                "mace-torch or use a model exported with --reference");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &species = saved[1], &packed = saved[2];
+    const ProductPlan plan = make_product_plan(x, species, packed, ctx->saved_data["spec"].toIntVector());
+    const Tensor grad_out = grad_outputs[0].contiguous();
+    Tensor grad_x = torch::empty_like(x);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "umlipft_symmetric_contraction_backward", [&] {
+      run_product<scalar_t>(plan, {x.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), nullptr,
+                                   grad_out.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>()},
+                            packed.size(0));
+    });
+    return {grad_x, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor symmetric_contraction(const Tensor &x, const Tensor &species, const Tensor &packed, c10::IntArrayRef spec)
+{
+  return SymmetricContraction::apply(x, species, packed, spec.vec());
+}
+
 // ---------------------------------------------------------------------------- dense layers
 
 // oneDNN's GEMM (through the mkldnn::_linear_pointwise op libtorch registers) runs the tall,
@@ -358,6 +487,7 @@ TORCH_LIBRARY(umlipft, m)
 {
   m.def("kernel_isa() -> str", kernel_isa);
   m.def("linear(Tensor input, Tensor weight, Tensor weight_t) -> Tensor");
+  m.def("symmetric_contraction(Tensor x, Tensor species, Tensor packed, int[] spec) -> Tensor");
   m.def("scalar_conv(Tensor node_feats, Tensor weights, Tensor sh, Tensor sender, Tensor receiver, "
         "int[] path_sh_start, int[] path_sh_dim, int[] path_weight_block) -> Tensor");
 }
@@ -366,4 +496,5 @@ TORCH_LIBRARY_IMPL(umlipft, CompositeImplicitAutograd, m)
 {
   m.impl("scalar_conv", scalar_conv);
   m.impl("linear", frozen_linear);
+  m.impl("symmetric_contraction", symmetric_contraction);
 }

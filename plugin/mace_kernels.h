@@ -40,6 +40,34 @@ template <typename T> struct ConvBackwardArgs {
   T *grad_y;         // [E, S] or nullptr (rows of no path are left as they are)
 };
 
+// One symmetric contraction (MACE's product basis) with correlation 1, 2 or 3, per element and
+// channel: T tensors folded from the coupling coefficients and the element's weights at export.
+// Stage 0 is a0[q] = sum_l x[l] T0[l][q]; for correlation 3 its output is laid out [l1][r1] so
+// the middle stage a1[r1] = sum_l1 (a0[l1][r1] + T1[l1][r1]) x[l1] vectorises over r1; the last
+// stage out[r] = sum_l (a[r*L + l] + Tlast[r][l]) x[l] is a short dot product per output row.
+struct ContractionSpec {
+  int64_t corr, dim_out, R0, R1;       // R0 = rows of stage 0, R1 = rows of stage 1 (corr 3)
+  int64_t t0_off, t1_off, t2_off;      // offsets of this contraction's tensors in an element's row
+  int64_t out_col;                     // first output column (outputs are [C, dim_out] channel-major)
+};
+
+constexpr int64_t MAX_CONTRACTIONS = 8;
+
+struct ProductLayout {
+  int64_t C, L, num_contractions, out_stride, element_stride, num_elements;
+  ContractionSpec spec[MAX_CONTRACTIONS];
+  const int64_t *element_offsets;    // nodes of element e: node_list[element_offsets[e] .. [e+1])
+  const int64_t *node_list;
+};
+
+template <typename T> struct ProductArgs {
+  const T *x;           // [N, C, L]
+  const T *packed;      // [elements, element_stride]
+  T *out;               // [N, out_stride] (forward) or nullptr
+  const T *grad_out;    // [N, out_stride] (backward) or nullptr
+  T *grad_x;            // [N, C, L] (backward) or nullptr
+};
+
 // Scratch per calling thread: S * C values (forward and backward).
 #define UMLIPFT_DECLARE_ISA(isa)                                                                      \
   namespace isa {                                                                                     \
@@ -48,6 +76,8 @@ template <typename T> struct ConvBackwardArgs {
   void conv_backward(const ConvLayout &, const ConvBackwardArgs<float> &, int64_t, int64_t, float *); \
   void conv_backward(const ConvLayout &, const ConvBackwardArgs<double> &, int64_t, int64_t,         \
                      double *);                                                                      \
+  void product(const ProductLayout &, const ProductArgs<float> &, int64_t, int64_t, float *);        \
+  void product(const ProductLayout &, const ProductArgs<double> &, int64_t, int64_t, double *);      \
   }
 
 UMLIPFT_DECLARE_ISA(generic)

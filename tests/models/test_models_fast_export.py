@@ -171,7 +171,7 @@ def test_metadata_of_optimised_export(exports):
     assert meta["fused_products"] == 2
     assert meta["check_max_edge_gradient_dev"] < 1e-9
     assert meta["model_class"] == "ScaleShiftMACE"
-    assert meta["kernels"] == ["umlipft::scalar_conv", "umlipft::linear"]
+    assert meta["kernels"] == ["umlipft::linear", "umlipft::scalar_conv", "umlipft::symmetric_contraction"]
     assert meta["fused_radial_mlps"] == 2
     assert not read_export_metadata(exports("float64", False))["optimized"]
 

@@ -127,7 +127,8 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
     import torch
     from ase.data import atomic_numbers as symbol_to_z
 
-    from .fast import fuse_interactions, fuse_products, fuse_radial_mlps, max_deviation, restrict_elements
+    from .fast import (fuse_interactions, fuse_products, fuse_radial_mlps, kernel_ops, max_deviation,
+                       restrict_elements)
     from .foundation import load_mace_model
     from .kernels import kernels_path, load_kernels
     from .lammps_module import MACEEdgeGradientModel
@@ -154,7 +155,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
                       "(slower on CPU); rebuild umlipft to get the compiled kernels")
     fused = fuse_interactions(work, kernels=use_kernels)
     fused_radial = fuse_radial_mlps(work) if use_kernels else 0
-    fused_products = fuse_products(work)
+    fused_products = fuse_products(work, kernels=use_kernels)
     work = work.to(dtype).eval()
     wrapper = MACEEdgeGradientModel(work, head_index).eval()
     numbers = [int(z) for z in work.atomic_numbers]
@@ -173,8 +174,7 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
         "fused_interactions": fused,
         "fused_products": fused_products,
         "fused_radial_mlps": fused_radial,
-        "kernels": (["umlipft::scalar_conv"] if use_kernels and fused else [])
-                   + (["umlipft::linear"] if fused_radial else []),
+        "kernels": kernel_ops(work),
         "check_max_node_energy_dev": energy_dev,
         "check_max_edge_gradient_dev": gradient_dev,
     }

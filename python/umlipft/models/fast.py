@@ -401,6 +401,9 @@ class FusedSymmetricContraction(torch.nn.Module):
         self.register_buffer("packed", torch.cat(tensors, dim=1).to(torch.get_default_dtype()).contiguous())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.batched_contraction(x, y)
+
+    def batched_contraction(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         num_nodes = x.shape[0]
         C = self.channels
         L = self.num_ell
@@ -435,8 +438,65 @@ class FusedSymmetricContraction(torch.nn.Module):
         return torch.cat(outs, dim=-1)
 
 
-def fuse_products(model: torch.nn.Module) -> int:
-    """Swap eligible SymmetricContractions for FusedSymmetricContraction; in place."""
+@compile_mode("script")
+class KernelSymmetricContraction(FusedSymmetricContraction):
+    """FusedSymmetricContraction through the compiled ``umlipft::symmetric_contraction`` op on CPU.
+
+    The op walks (element, channel) pairs, keeping that pair's folded tensors in cache over all
+    nodes of the element, and recomputes the per-node intermediates in its backward instead of
+    storing [nodes, channels, ell^2] tensors. Correlation 1-3 (every MACE foundation model);
+    the stage-0 tensor of correlation 3 is stored with its output laid out for the middle stage.
+    """
+
+    def __init__(self, symmetric_contraction: torch.nn.Module) -> None:
+        super().__init__(symmetric_contraction)
+        C, L, E = self.channels, self.num_ell, self.num_elements
+        packed = self.packed.double()
+        pieces: List[torch.Tensor] = []
+        spec: List[int] = [C, L, len(self.correlations)]
+        offset = 0
+        out_col = 0
+        k0 = 0
+        for j, corr in enumerate(self.correlations):
+            if corr > 3:
+                raise ValueError(f"correlation {corr} is not supported by the kernel")
+            D = self.out_dims[j]
+            ts = []
+            for i in range(corr):
+                rows = self.t_rows[k0 + i]
+                start = self.t_offsets[k0 + i]
+                ts.append(packed[:, start:start + C * L * rows].reshape(E, C, L, rows))
+            r0 = ts[0].shape[-1]
+            r1 = ts[1].shape[-1] if corr == 3 else 0
+            if corr == 3:  # stage-0 output index r1*L + l1 -> l1*R1 + r1
+                t0 = ts[0].reshape(E, C, L, r1, L).transpose(3, 4)
+                kernel_ts = [t0, ts[1], ts[2].transpose(2, 3)]
+            elif corr == 2:
+                kernel_ts = [ts[0], ts[1].transpose(2, 3)]
+            else:
+                kernel_ts = [ts[0]]
+            offsets = [0, 0, 0]
+            for i, t in enumerate(kernel_ts):
+                flat = t.reshape(E, -1)
+                offsets[i] = offset
+                pieces.append(flat)
+                offset += flat.shape[1]
+            spec += [corr, D, r0, r1, offsets[0], offsets[1], offsets[2], out_col]
+            out_col += C * D
+            k0 += corr
+        self.kernel_spec: List[int] = spec
+        self.register_buffer("kernel_packed", torch.cat(pieces, dim=1).to(self.packed.dtype).contiguous())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return self.batched_contraction(x, y)
+        species = torch.argmax(y, dim=1)
+        return torch.ops.umlipft.symmetric_contraction(x, species, self.kernel_packed.to(x.dtype), self.kernel_spec)
+
+
+def fuse_products(model: torch.nn.Module, kernels: bool = False) -> int:
+    """Swap eligible SymmetricContractions for FusedSymmetricContraction (KernelSymmetricContraction
+    with ``kernels`` where the correlation allows); in place."""
     fused = 0
     for product in getattr(model, "products", []):
         sc = getattr(product, "symmetric_contractions", None)
@@ -458,6 +518,8 @@ def fuse_products(model: torch.nn.Module) -> int:
         torch.set_default_dtype(dtype)
         try:
             fast = FusedSymmetricContraction(sc)
+            if kernels and max(fast.correlations) <= 3:
+                fast = KernelSymmetricContraction(sc)
         finally:
             torch.set_default_dtype(previous)
         if not _same_contraction(sc, fast):
@@ -506,6 +568,18 @@ def fuse_interactions(model: torch.nn.Module, kernels: bool = False) -> int:
 
 
 # ----------------------------------------------------------------------------- checking
+
+KERNEL_OPS = {
+    "KernelScalarConv": "umlipft::scalar_conv",
+    "FrozenLinearLayer": "umlipft::linear",
+    "KernelSymmetricContraction": "umlipft::symmetric_contraction",
+}
+
+
+def kernel_ops(model: torch.nn.Module) -> List[str]:
+    """The compiled ops a rewritten model calls (recorded in the export's metadata)."""
+    return sorted({KERNEL_OPS[type(m).__name__] for m in model.modules() if type(m).__name__ in KERNEL_OPS})
+
 
 def probe_structure(atomic_numbers: Sequence[int], r_max: float, seed: int = 7):
     """A small periodic structure holding every element, dense enough for many edges."""
