@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Profile one forward+backward of an exported model on the 170-atom aqueous frame.
 
-Prints the top operators and the share of time in matrix products (mm/bmm/addmm: the
-arithmetic) against elementwise, copy/fill/index (memory-bound) and the rest.
+Prints the top operators and the share of time in matrix products (mm/bmm/addmm and oneDNN's
+linear: dense arithmetic), umlipft's fused kernels (forward ops and their backward nodes: the
+convolution and product-basis arithmetic, fused with their gathers and scatters), elementwise
+and copy/fill/index work (memory-bound) and the rest.
 
     python benchmarks/profile_export.py MODEL.pt [--threads 1] [--calls 3]
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MATMUL = {"aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::baddbmm"}
+MATMUL = {"aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::baddbmm", "mkldnn::_linear_pointwise"}
 DATA = {"aten::copy_", "aten::fill_", "aten::index_select", "aten::index_copy", "aten::index_copy_",
         "aten::scatter_add_", "aten::gather", "aten::cat", "aten::index", "aten::index_put_",
         "aten::zero_", "aten::clone", "aten::contiguous", "aten::nonzero", "aten::sort",
@@ -24,6 +26,11 @@ ELEMENTWISE = {"aten::mul", "aten::add", "aten::add_", "aten::sub", "aten::div",
                "aten::silu_backward", "aten::sum", "aten::pow", "aten::sin", "aten::cos", "aten::mul_",
                "aten::where", "aten::masked_fill_", "aten::linalg_vector_norm", "aten::sqrt", "aten::div_",
                "aten::reciprocal", "aten::exp", "aten::sigmoid", "aten::rsub", "aten::lt", "aten::ge"}
+
+
+def is_kernel_backward(key: str) -> bool:
+    """The autograd node of a umlipft kernel (its backward pass)."""
+    return key.startswith("torch::autograd::CppNode<") and ("ScalarConv" in key or "SymmetricContraction" in key)
 
 
 def main() -> int:
@@ -39,6 +46,9 @@ def main() -> int:
 
     import md_throughput as mt
     from umlipft.models.export import read_export_metadata
+    from umlipft.models.kernels import load_kernels
+
+    load_kernels()
 
     torch.set_num_threads(args.threads)
     torch._C._set_graph_executor_optimize(False)
@@ -56,12 +66,16 @@ def main() -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.calls):
             module(*inputs)
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = [e for e in prof.key_averages()
+              if e.key.startswith(("aten::", "mkldnn::", "umlipft::")) or is_kernel_backward(e.key)]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    shares = {"matmul (arithmetic)": 0.0, "elementwise": 0.0, "copy/fill/index/cat": 0.0, "other": 0.0}
+    shares = {"matmul (arithmetic)": 0.0, "fused kernels": 0.0, "elementwise": 0.0, "copy/fill/index/cat": 0.0,
+              "other": 0.0}
     for e in events:
         t = e.self_cpu_time_total
-        if e.key in MATMUL:
+        if e.key.startswith("umlipft::") or is_kernel_backward(e.key):
+            shares["fused kernels"] += t
+        elif e.key in MATMUL:
             shares["matmul (arithmetic)"] += t
         elif e.key in ELEMENTWISE:
             shares["elementwise"] += t

@@ -139,9 +139,9 @@ def test_bad_edge_index_names_the_problem():
 CHILD = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_models_kernels import scalar_tp, random_graph
+    from test_models_kernels import scalar_tp, random_graph, mace_contraction
     from umlipft.models.kernels import load_kernels
-    from umlipft.models.fast import KernelScalarConv
+    from umlipft.models.fast import KernelScalarConv, KernelSymmetricContraction
     load_kernels()
     out = {{"isa": torch.ops.umlipft.kernel_isa()}}
     for channels, lmax in ((128, 3), (20, 1)):
@@ -151,6 +151,11 @@ CHILD = textwrap.dedent("""
         o = KernelScalarConv(tp)(ins[0], ins[1], ins[2], edge_index)
         grads = torch.autograd.grad(o, ins, torch.ones_like(o))
         out[str(channels)] = [o.tolist()] + [g.tolist() for g in grads]
+    sc = KernelSymmetricContraction(mace_contraction(3, "8x0e+8x1o"))
+    x = torch.randn(9, 8, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.one_hot(torch.arange(9) % 3, 3).double()
+    o = sc(x, y)
+    out["product"] = [o.tolist(), torch.autograd.grad(o, x, torch.ones_like(o))[0].tolist()]
     print(json.dumps(out))
 """)
 
@@ -176,7 +181,7 @@ def test_every_instruction_set_build_gives_the_same_numbers():
             assert r["isa"] == isa
     reference = usable["generic"]
     for isa, r in usable.items():
-        for channels in ("128", "20"):
+        for channels in ("128", "20", "product"):
             for a, b in zip(r[channels], reference[channels]):
                 ta, tb = torch.tensor(a), torch.tensor(b)
                 torch.testing.assert_close(ta, tb, rtol=0, atol=KERNEL_FP64_REL * float(tb.abs().max()),
@@ -228,3 +233,73 @@ def test_radial_mlp_that_is_not_silu_layers_is_left_alone():
 
     assert folded_radial_weights(nn.FullyConnectedNet([4, 8, 3], torch.tanh)) is None
     assert folded_radial_weights(torch.nn.Linear(4, 3)) is None
+
+
+# ----------------------------------------------------------------------------- product basis
+
+def mace_contraction(correlation: int, irreps_out: str, channels: int = 8, elements: int = 3):
+    from e3nn import o3
+    from mace.modules.symmetric_contraction import SymmetricContraction
+
+    torch.set_default_dtype(torch.float64)
+    sc = SymmetricContraction(o3.Irreps(f"{channels}x0e+{channels}x1o+{channels}x2e"), o3.Irreps(irreps_out),
+                              correlation=correlation, num_elements=elements)
+    gen = torch.Generator().manual_seed(correlation)
+    with torch.no_grad():  # mace initialises some weights at zero: make every path count
+        for p in sc.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return sc
+
+
+@pytest.mark.parametrize("correlation,irreps_out", [(3, "8x0e+8x1o"), (3, "8x0e"), (2, "8x0e+8x1o"), (1, "8x1o")],
+                         ids=["corr3-0e1o", "corr3-0e", "corr2-0e1o", "corr1-1o"])
+def test_kernel_symmetric_contraction_equals_mace_values_and_gradient(correlation, irreps_out):
+    from umlipft.models.fast import KernelSymmetricContraction
+
+    sc = mace_contraction(correlation, irreps_out)
+    kernel = torch.jit.script(KernelSymmetricContraction(sc))
+    gen = torch.Generator().manual_seed(7)
+    species = torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1, 0, 2])   # unsorted, every element
+    y = torch.nn.functional.one_hot(species, 3).double()
+    x = torch.randn(len(species), 8, 9, generator=gen, dtype=torch.float64)
+    x_ref, x_new = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected, got = sc(x_ref, y), kernel(x_new, y)
+    scale = float(expected.detach().abs().max())
+    torch.testing.assert_close(got, expected, rtol=0, atol=KERNEL_FP64_REL * scale)
+    grad_out = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad(expected, x_ref, grad_out)
+    (g_new,) = torch.autograd.grad(got, x_new, grad_out)
+    torch.testing.assert_close(g_new, g_ref, rtol=0, atol=KERNEL_FP64_REL * float(g_ref.abs().max()))
+
+
+def test_kernel_symmetric_contraction_of_mace_mp0_small_and_finite_differences(small_model_path):
+    from umlipft.models.fast import KernelSymmetricContraction, restrict_elements
+    from umlipft.models.foundation import load_mace_model
+
+    model = restrict_elements(load_mace_model(small_model_path, dtype="float64"), [1, 8, 17])
+    sc = model.products[0].symmetric_contractions
+    kernel = KernelSymmetricContraction(sc)
+    gen = torch.Generator().manual_seed(8)
+    species = torch.tensor([2, 0, 1, 1, 0])
+    y = torch.nn.functional.one_hot(species, 3).double()
+    x = torch.randn(5, 128, 16, generator=gen, dtype=torch.float64)
+    expected = sc(x, y).detach()
+    torch.testing.assert_close(kernel(x, y), expected, rtol=0,
+                               atol=KERNEL_FP64_REL * float(expected.detach().abs().max()))
+    small = x[:2, :4].clone().requires_grad_(True)  # a slice of channels keeps gradcheck quick
+
+    def contraction_of_slice(part):
+        full = x[:2].clone()
+        full[:, :4] = part
+        return kernel(full, y[:2])
+
+    assert torch.autograd.gradcheck(contraction_of_slice, (small,), eps=1e-6, atol=1e-6)
+
+
+def test_symmetric_contraction_species_out_of_range_is_refused():
+    from umlipft.models.fast import KernelSymmetricContraction
+
+    kernel = KernelSymmetricContraction(mace_contraction(2, "8x0e"))
+    x = torch.randn(2, 8, 9, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="species 5 out of range for 3 elements"):
+        torch.ops.umlipft.symmetric_contraction(x, torch.tensor([0, 5]), kernel.kernel_packed, kernel.kernel_spec)

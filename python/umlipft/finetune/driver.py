@@ -369,6 +369,7 @@ def _run_mace(args: list[str], log_path: Path, cfg: FinetuneConfig, start_epoch:
     # back until the end of training.
     cmd = [sys.executable, "-u", "-m", "mace.cli.run_train", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.update(steady_state_malloc_environment(env))
     epoch_times: list[float] = []
     valid_errors: list[tuple[float | None, float | None]] = []
     initial: float | None = None
@@ -418,6 +419,19 @@ def _run_mace(args: list[str], log_path: Path, cfg: FinetuneConfig, start_epoch:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise ExternalProgramError(f"mace-torch training failed (exit {rc}); see {log_path}. Last lines:\n{tail}")
     return epoch_times, valid_errors, initial
+
+
+# glibc's default serves every large tensor with a fresh mmap() and gives freed heap back, so
+# each training step page-faults its working set in again (benchmarks/finetune_epoch.py).
+# The same setting as pair_style mace; UMLIPFT_NO_MALLOC_TUNING=1 leaves malloc alone.
+STEADY_STATE_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
+
+
+def steady_state_malloc_environment(env: dict[str, str]) -> dict[str, str]:
+    """GLIBC_TUNABLES for a training subprocess, unless the user set their own or opted out."""
+    if env.get("UMLIPFT_NO_MALLOC_TUNING") == "1" or "GLIBC_TUNABLES" in env:
+        return {}
+    return {"GLIBC_TUNABLES": STEADY_STATE_MALLOC}
 
 
 def _checkpoint_epoch(work_dir: Path, cfg: FinetuneConfig) -> int:
