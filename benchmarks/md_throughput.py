@@ -17,7 +17,8 @@ One run measures, side by side and with the same thread count, on the 170-atom a
   ``ase_*_tuned``: the same in a child process with the plugin's malloc setting applied through
   ``GLIBC_TUNABLES`` (what mace-torch gains from it alone, for a fair reading of the ratios);
 - ``bare_*``: the exported TorchScript module's forward+backward called from Python on the
-  same owned-atom graph the plugin builds (no MD, no LAMMPS).
+  same owned-atom graph the plugin builds (no MD, no LAMMPS), in a child process with the
+  plugin's malloc setting (``GLIBC_TUNABLES``), so plugin/bare is the cost of LAMMPS itself.
 
 Prints ms/step, ns/day at 0.5 fs and ratios; ``--json OUT`` writes the numbers (keys
 ``<path>_ms``). ``--sizes 50 500 1500`` adds a size scan (the 170-atom cell repeated; ~50 is
@@ -227,6 +228,21 @@ def owned_graph(atoms, r_max: float):
     return edge_index, shifts
 
 
+def time_bare_child(frames: Path, model_pt: Path, steps: int, threads: int) -> float:
+    """time_bare in a fresh process started with MALLOC_TUNABLES (as the plugin runs)."""
+    code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            f"torch.set_num_threads({threads}); import md_throughput as mt; "
+            f"print(mt.time_bare(mt.structure(mt.Path({str(frames)!r}), None), mt.Path({str(model_pt)!r}), "
+            f"{steps}))")
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bare child failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def time_bare(atoms, model_pt: Path, steps: int) -> float:
     import numpy as np
     import torch
@@ -307,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         "ase_fp32": lambda: time_ase(atoms, args.model, "float32", steps),
         "ase_fp64_tuned": lambda: time_ase_child(args.frames, args.model, "float64", steps, args.threads),
         "ase_fp32_tuned": lambda: time_ase_child(args.frames, args.model, "float32", steps, args.threads),
-        "bare_fp64": lambda: time_bare(atoms, exported("float64", False), steps),
-        "bare_fp32": lambda: time_bare(atoms, exported("float32", False), steps),
+        "bare_fp64": lambda: time_bare_child(args.frames, exported("float64", False), steps, args.threads),
+        "bare_fp32": lambda: time_bare_child(args.frames, exported("float32", False), steps, args.threads),
     }
     if fast:
         paths.update({
@@ -322,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               args.threads, workdir),
             "plugin_fast_nokernels_fp32": lambda: time_plugin(atoms, exported("float32", True, False), steps,
                                                               args.threads, workdir),
-            "bare_fast_fp64": lambda: time_bare(atoms, exported("float64", True), steps),
-            "bare_fast_fp32": lambda: time_bare(atoms, exported("float32", True), steps),
+            "bare_fast_fp64": lambda: time_bare_child(args.frames, exported("float64", True), steps, args.threads),
+            "bare_fast_fp32": lambda: time_bare_child(args.frames, exported("float32", True), steps, args.threads),
         })
     if args.paths:
         unknown = set(args.paths) - set(paths)

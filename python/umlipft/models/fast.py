@@ -1,7 +1,7 @@
 """Faster exports of mace-torch models for ``pair_style mace``, exact to rounding.
 
-Two rewrites of a loaded mace-torch model, both checked numerically against the original at
-export time (:func:`max_deviation`):
+Rewrites of a loaded mace-torch model, all checked numerically against the original at export
+time (:func:`max_deviation`):
 
 1. :func:`restrict_elements` rebuilds the model for a subset of its elements with mace-torch's
    own fine-tuning machinery (``extract_config_mace_model`` + ``load_foundations_elements``,
@@ -13,12 +13,21 @@ export time (:func:`max_deviation`):
 
 2. :func:`fuse_interactions` replaces, in every interaction whose node features entering the
    convolution are scalars only (every layer of MACE-MP-0 small, the first layer of any MACE),
-   e3nn's per-edge tensor product followed by ``scatter_sum`` with :class:`FusedScalarConv`:
-   edges are laid out per receiving atom (padded to the largest neighbour count) and the sum
-   over neighbours becomes one batched matrix product. The edges x channels x (lmax+1)^2
-   message tensor that mace-torch materialises (and its gradient) never exists; the arithmetic
-   is the same sums in a different order. It plugs into mace-torch's ``conv_fusion`` hook, so
-   the interaction block code itself is unchanged.
+   e3nn's per-edge tensor product followed by ``scatter_sum``: :class:`FusedScalarConv` lays
+   edges out per receiving atom and sums over neighbours with one batched matrix product;
+   :class:`KernelScalarConv` calls the compiled ``umlipft::scalar_conv`` op on CPU. Neither
+   materialises the edges x channels x (lmax+1)^2 message mace-torch builds. It plugs into
+   mace-torch's ``conv_fusion`` hook, so the interaction block code itself is unchanged.
+
+3. :func:`fuse_products` contracts the symmetric product with per-element tensors folded at
+   export (:class:`FusedSymmetricContraction`, or the compiled op through
+   :class:`KernelSymmetricContraction`).
+
+4. :func:`fuse_radial_mlps` folds e3nn's normalisation constants of the radial MLPs into their
+   weights and runs the products through ``umlipft::linear`` (oneDNN for float32).
+
+The compiled ops (``plugin/mace_kernels*.cpp``) have first derivatives only: these models are
+for MD (forces, virials), not for training.
 """
 
 from __future__ import annotations
