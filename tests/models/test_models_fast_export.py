@@ -278,3 +278,49 @@ def test_two_head_model_optimised_equals_reference(two_head_model, head, tmp_pat
     ref = lammps_single_point(atoms, ref_path, list(ELEMENTS))
     fast = lammps_single_point(atoms, fast_path, list(ELEMENTS))
     compare(fast, ref, FAST_FP64_FORCE_EV_A, FAST_FP64_ENERGY_EV, FAST_FP64_STRESS_EV_A3)
+
+
+# ----------------------------------------------------------------------------- medium-like model
+
+@pytest.fixture(scope="module")
+def vector_feature_model(small_model_path, tmp_path_factory):
+    """MACE-MP-0 medium's shape at toy width: hidden 16x0e+16x1o, so the second interaction's
+    convolution sees vector features (not fused) and the first product has 0e+1o outputs."""
+    from mace.tools.scripts_utils import extract_config_mace_model  # first: mace makes e3nn loadable
+    from e3nn import o3
+
+    from umlipft.models.foundation import load_mace_model
+
+    foundation = load_mace_model(small_model_path, dtype="float64")
+    zs = [1, 8, 17]
+    index = [[int(z) for z in foundation.atomic_numbers].index(z) for z in zs]
+    config = extract_config_mace_model(foundation)
+    config.update(atomic_numbers=zs, num_elements=len(zs), hidden_irreps=o3.Irreps("16x0e+16x1o"),
+                  atomic_energies=np.asarray(config["atomic_energies"]).reshape(-1)[index])
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(4)
+    model = type(foundation)(**config)
+    with torch.no_grad():  # mace starts some weights at zero: make every path count
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype))
+    path = tmp_path_factory.mktemp("vector-features") / "vector-features.model"
+    torch.save(model.eval(), path)
+    return path
+
+
+def test_model_with_vector_features_optimised_equals_reference(vector_feature_model, tmp_path):
+    atoms = mixed_box()
+    keep = [a.index for a in atoms if a.symbol in ("H", "O", "Cl")]
+    atoms = atoms[keep]
+    elements = ["H", "O", "Cl"]
+    ref_path = export_lammps_model(ExportConfig(model=str(vector_feature_model), output=str(tmp_path / "r.pt"),
+                                                dtype="float64", reference=True))
+    fast_path = export_lammps_model(ExportConfig(model=str(vector_feature_model), output=str(tmp_path / "f.pt"),
+                                                 dtype="float64", elements=tuple(elements)))
+    meta = read_export_metadata(fast_path)
+    assert meta["fused_interactions"] == 1  # the first layer only: the second has 1o inputs
+    assert meta["fused_products"] == 2 and meta["fused_radial_mlps"] == 2
+    assert "umlipft::symmetric_contraction" in meta["kernels"]
+    ref = lammps_single_point(atoms, ref_path, elements)
+    fast = lammps_single_point(atoms, fast_path, elements)
+    compare(fast, ref, FAST_FP64_FORCE_EV_A, FAST_FP64_ENERGY_EV, FAST_FP64_STRESS_EV_A3)

@@ -26,8 +26,8 @@ KERNEL_FP64_REL = 1e-12
 
 def scalar_tp(channels: int, lmax: int):
     """An e3nn 'uvu' tensor product Cx0e x Y(lmax) -> C x (0e + 1o + ...), external weights, as MACE."""
+    from mace.modules.irreps_tools import tp_out_irreps_with_instructions  # first: mace makes e3nn loadable
     from e3nn import o3
-    from mace.modules.irreps_tools import tp_out_irreps_with_instructions
 
     irreps_in = o3.Irreps(f"{channels}x0e")
     sh = o3.Irreps.spherical_harmonics(lmax)
@@ -238,8 +238,8 @@ def test_radial_mlp_that_is_not_silu_layers_is_left_alone():
 # ----------------------------------------------------------------------------- product basis
 
 def mace_contraction(correlation: int, irreps_out: str, channels: int = 8, elements: int = 3):
+    from mace.modules.symmetric_contraction import SymmetricContraction  # first: mace makes e3nn loadable
     from e3nn import o3
-    from mace.modules.symmetric_contraction import SymmetricContraction
 
     torch.set_default_dtype(torch.float64)
     sc = SymmetricContraction(o3.Irreps(f"{channels}x0e+{channels}x1o+{channels}x2e"), o3.Irreps(irreps_out),
