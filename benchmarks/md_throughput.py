@@ -203,19 +203,29 @@ def time_ase(atoms, model: Path, dtype: str, steps: int) -> float:
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
 
 
-def time_ase_child(frames: Path, model: Path, dtype: str, steps: int, threads: int) -> float:
-    """time_ase in a fresh process started with MALLOC_TUNABLES."""
+def in_child(call: str, threads: int) -> float:
+    """Evaluate ``mt.<call>`` (a timer returning ms) in a fresh process started with MALLOC_TUNABLES."""
     code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            f"torch.set_num_threads({threads}); import md_throughput as mt; "
-            f"print(mt.time_ase(mt.structure(mt.Path({str(frames)!r}), None), mt.Path({str(model)!r}), "
-            f"{dtype!r}, {steps}))")
+            f"torch.set_num_threads({threads}); import md_throughput as mt; print(mt.{call})")
     env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True,
                           text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"ASE child failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"child {call} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+def time_ase_child(frames: Path, model: Path, dtype: str, steps: int, threads: int) -> float:
+    """time_ase with the plugin's malloc setting."""
+    return in_child(f"time_ase(mt.structure(mt.Path({str(frames)!r}), None), mt.Path({str(model)!r}), "
+                    f"{dtype!r}, {steps})", threads)
+
+
+def time_bare_child(frames: Path, model_pt: Path, steps: int, threads: int) -> float:
+    """time_bare with the plugin's malloc setting (as the plugin runs)."""
+    return in_child(f"time_bare(mt.structure(mt.Path({str(frames)!r}), None), mt.Path({str(model_pt)!r}), "
+                    f"{steps})", threads)
 
 
 def owned_graph(atoms, r_max: float):
@@ -226,21 +236,6 @@ def owned_graph(atoms, r_max: float):
         positions=atoms.get_positions(), cutoff=r_max, pbc=tuple(bool(p) for p in atoms.pbc),
         cell=atoms.get_cell().array)
     return edge_index, shifts
-
-
-def time_bare_child(frames: Path, model_pt: Path, steps: int, threads: int) -> float:
-    """time_bare in a fresh process started with MALLOC_TUNABLES (as the plugin runs)."""
-    code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            f"torch.set_num_threads({threads}); import md_throughput as mt; "
-            f"print(mt.time_bare(mt.structure(mt.Path({str(frames)!r}), None), mt.Path({str(model_pt)!r}), "
-            f"{steps}))")
-    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True,
-                          text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bare child failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
-    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def time_bare(atoms, model_pt: Path, steps: int) -> float:

@@ -13,9 +13,13 @@
    accumulated in a small cache-resident buffer, so forward and backward each stream the
    per-edge weights once and never build an edge x channel x irrep tensor.
 
-   The op is registered with TorchScript (TORCH_LIBRARY) so that exported models call it from
-   LAMMPS and from Python alike. First derivatives only: MD needs forces, training through
-   this op (forces in the loss) would need the second and is refused with a clear error.
+   umlipft::symmetric_contraction is MACE's product basis (correlation 1-3) with the coupling
+   tensors folded with each element's weights at export; umlipft::linear is a product with
+   frozen weights (the radial MLPs) through oneDNN for float32.
+
+   The ops are registered with TorchScript (TORCH_LIBRARY) so that exported models call them
+   from LAMMPS and from Python alike. First derivatives only: MD needs forces, training through
+   them (forces in the loss) would need the second and is refused with a clear error.
 ------------------------------------------------------------------------- */
 
 #include <ATen/Context.h>

@@ -1,9 +1,10 @@
 /* ----------------------------------------------------------------------
-   umlipft: the loops of umlipft::scalar_conv, compiled once per instruction set
-   (UMLIPFT_ISA = generic | avx2 | avx512, set by CMakeLists.txt with matching -m flags).
+   umlipft: the loops of umlipft::scalar_conv and umlipft::symmetric_contraction, compiled
+   once per instruction set (UMLIPFT_ISA = generic | avx2 | avx512, set by CMakeLists.txt with
+   matching -m flags).
    Copyright (C) 2026 the umlipft developers. GPL-2.0-or-later.
 
-   Per receiver i, the messages sum_e w[e,p,c] x[s(e),c] Y[e,m] accumulate in an S x C buffer
+   Convolution: per receiver i, the messages sum_e w[e,p,c] x[s(e),c] Y[e,m] accumulate in an S x C buffer
    (8 KiB for 128 channels and lmax 3: it stays in L1). The backward walks each edge's channels
    in register-sized blocks, so the per-edge weights are read once and every gradient of that
    edge (weights, sender features, spherical harmonics) comes out of the same pass.

@@ -345,13 +345,18 @@ def fuse_radial_mlps(model: torch.nn.Module) -> int:
 
 
 def _same_radial_mlp(original: torch.nn.Module, fast: torch.nn.Module) -> bool:
+    x = torch.randn(37, original[0].weight.shape[0], generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    return _agree_in_float64(original, fast, (x,))
+
+
+def _agree_in_float64(original: torch.nn.Module, fast: torch.nn.Module, inputs: tuple) -> bool:
+    """Both modules, as float64 copies, give the same output on ``inputs`` to 1e-12 relative."""
     reference = copy.deepcopy(original).double()
     candidate = copy.deepcopy(fast).double()
-    x = torch.randn(37, reference[0].weight.shape[0], generator=torch.Generator().manual_seed(3),
-                    dtype=torch.float64)
     with torch.no_grad():
-        expected = reference(x)
-        got = candidate(x)
+        expected = reference(*inputs)
+        got = candidate(*inputs)
     scale = float(expected.abs().max()) + 1e-300
     return got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-12 * scale
 
@@ -540,18 +545,12 @@ def fuse_products(model: torch.nn.Module, kernels: bool = False) -> int:
 
 def _same_contraction(original: torch.nn.Module, fast: torch.nn.Module) -> bool:
     """Both modules agree on random features and one-hot attributes (float64 probe)."""
-    reference = copy.deepcopy(original).double()
-    candidate = copy.deepcopy(fast).double()
     gen = torch.Generator().manual_seed(5)
     nodes = 3 * fast.num_elements + 1
     x = torch.randn(nodes, fast.channels, fast.num_ell, generator=gen, dtype=torch.float64)
     species = torch.arange(nodes) % fast.num_elements
     y = torch.nn.functional.one_hot(species, fast.num_elements).double()
-    with torch.no_grad():
-        expected = reference(x, y)
-        got = candidate(x, y)
-    scale = float(expected.abs().max()) + 1e-300
-    return got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-12 * scale
+    return _agree_in_float64(original, fast, (x, y))
 
 
 def fuse_interactions(model: torch.nn.Module, kernels: bool = False) -> int:
