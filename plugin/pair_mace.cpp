@@ -89,6 +89,18 @@ void tune_malloc_for_steady_state()
 #endif
 }
 
+// The cause in a libtorch error: TorchScript wraps it in a traceback whose last line reads
+// "RuntimeError: <cause>"; plain c10 errors start with it.
+std::string error_cause(const char *what)
+{
+  const auto lines = utils::split_lines(what);
+  for (auto it = lines.rbegin(); it != lines.rend(); ++it) {
+    const auto at = it->find("Error: ");
+    if (at != std::string::npos && it->rfind("  ", 0) != 0) return it->substr(at + 7);
+  }
+  return lines.empty() ? std::string(what) : lines.front();
+}
+
 std::string element_symbol(int z)
 {
   return (z >= 1 && z <= static_cast<int>(ELEMENTS.size())) ? ELEMENTS[z - 1] : std::to_string(z);
@@ -233,7 +245,7 @@ void PairMACE::coeff(int narg, char **arg)
   } catch (const std::exception &err) {
     error->all(FLERR,
                "pair_style mace: '{}' is not a TorchScript model file ({}); {}", model_file,
-               utils::split_lines(err.what()).front(), EXPORT_HINT);
+               error_cause(err.what()), EXPORT_HINT);
   }
   if (extra[METADATA_NAME].empty())
     error->all(FLERR,
@@ -547,7 +559,7 @@ void PairMACE::compute(int eflag, int vflag)
       out = model->module.forward(inputs).toTuple();
     } catch (const std::exception &err) {
       error->one(FLERR, "pair_style mace: the model failed at step {}: {}", update->ntimestep,
-                 utils::split_lines(err.what()).front());
+                 error_cause(err.what()));
     }
     energy = out->elements()[0].toTensor().item<double>();
     node_energy = out->elements()[1].toTensor().to(torch::kCPU, torch::kFloat64).contiguous();

@@ -128,3 +128,24 @@ def test_null_type_under_hybrid_overlay_is_accepted(water_data, exported_fp64):
         "pair_coeff * * lj/cut 0.0 1.0",
         "run 0",
     ])
+
+
+def test_kernel_failure_inside_the_model_reports_its_cause(water_data, small_model_path, tmp_path):
+    """An error raised inside a compiled kernel reaches the LAMMPS message, not just 'TorchScript failed'."""
+    import os
+    import subprocess
+
+    from umlipft.lammps import lmp_executable
+    from umlipft.models.export import ExportConfig, export_lammps_model
+
+    model = export_lammps_model(ExportConfig(model=str(small_model_path), output=str(tmp_path / "oh.pt"),
+                                             dtype="float32", elements=("O", "H")))
+    script = tmp_path / "in.bad"
+    script.write_text("\n".join(setup_lines(water_data) + ["pair_style mace", f"pair_coeff * * {model} O H",
+                                                           "run 0", ""]))
+    proc = subprocess.run([str(lmp_executable()), "-in", str(script), "-log", "none"], cwd=tmp_path,
+                          env={**os.environ, "UMLIPFT_KERNEL_ISA": "sse9"},
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0
+    assert "the model failed at step 0: UMLIPFT_KERNEL_ISA='sse9' is not one of generic, avx2, avx512" in (
+        proc.stdout + proc.stderr)
