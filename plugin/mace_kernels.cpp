@@ -46,36 +46,53 @@ using namespace umlipft;
 
 using torch::Tensor;
 
-// Edges of each receiver as a contiguous range of `order` (CSR); `order` is empty when the
-// edge list is already grouped by receiver (what pair_style mace builds).
-struct ReceiverRanges {
+// Items grouped by an integer key (CSR): the items of key k are order[offsets[k] .. offsets[k+1]),
+// or offsets[k] .. offsets[k+1]) themselves when the keys are already non-decreasing (`order`
+// stays empty): what pair_style mace builds for edges by receiver, and what sorted species give.
+struct KeyGroups {
   std::vector<int64_t> offsets;
   std::vector<int64_t> order;
-  int64_t edge(int64_t k) const { return order.empty() ? k : order[k]; }
+  const int64_t *order_or_null() const { return order.empty() ? nullptr : order.data(); }
 };
 
-ReceiverRanges group_by_receiver(const int64_t *receiver, const int64_t *sender, int64_t num_edges,
-                                 int64_t num_nodes)
+// `what` names a key in errors ("... receiver index"), `keys` the kind of key ("nodes").
+KeyGroups group_by_key(const int64_t *key, int64_t count, int64_t num_keys, const char *what, const char *keys)
 {
-  ReceiverRanges ranges;
-  ranges.offsets.assign(num_nodes + 1, 0);
+  KeyGroups groups;
+  groups.offsets.assign(num_keys + 1, 0);
   bool sorted = true;
-  for (int64_t e = 0; e < num_edges; ++e) {
-    const int64_t r = receiver[e];
-    TORCH_CHECK(r >= 0 && r < num_nodes, "umlipft::scalar_conv: receiver index ", r,
-                " out of range for ", num_nodes, " nodes");
-    TORCH_CHECK(sender[e] >= 0 && sender[e] < num_nodes, "umlipft::scalar_conv: sender index ",
-                sender[e], " out of range for ", num_nodes, " nodes");
-    ranges.offsets[r + 1] += 1;
-    if (e > 0 && r < receiver[e - 1]) sorted = false;
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(key[i] >= 0 && key[i] < num_keys, what, " ", key[i], " out of range for ", num_keys, " ", keys);
+    groups.offsets[key[i] + 1] += 1;
+    if (i > 0 && key[i] < key[i - 1]) sorted = false;
   }
-  for (int64_t i = 0; i < num_nodes; ++i) ranges.offsets[i + 1] += ranges.offsets[i];
+  for (int64_t k = 0; k < num_keys; ++k) groups.offsets[k + 1] += groups.offsets[k];
   if (!sorted) {
-    ranges.order.resize(num_edges);
-    std::vector<int64_t> fill(ranges.offsets.begin(), ranges.offsets.end() - 1);
-    for (int64_t e = 0; e < num_edges; ++e) ranges.order[fill[receiver[e]]++] = e;
+    groups.order.resize(count);
+    std::vector<int64_t> fill(groups.offsets.begin(), groups.offsets.end() - 1);
+    for (int64_t i = 0; i < count; ++i) groups.order[fill[key[i]]++] = i;
   }
-  return ranges;
+  return groups;
+}
+
+KeyGroups group_edges_by_receiver(const Tensor &receiver, const Tensor &sender, int64_t num_nodes)
+{
+  const int64_t *s = sender.data_ptr<int64_t>();
+  for (int64_t e = 0; e < sender.numel(); ++e)
+    TORCH_CHECK(s[e] >= 0 && s[e] < num_nodes, "umlipft::scalar_conv: sender index ", s[e], " out of range for ",
+                num_nodes, " nodes");
+  return group_by_key(receiver.data_ptr<int64_t>(), receiver.numel(), num_nodes, "umlipft::scalar_conv: receiver index",
+                      "nodes");
+}
+
+// First derivatives only: MD differentiates the energy once; training on forces would
+// differentiate these ops again (create_graph=True), which they do not support.
+void refuse_second_derivative(const char *op)
+{
+  TORCH_CHECK(!torch::GradMode::is_enabled(), op,
+              " has first derivatives only (forces, virials): a second derivative was requested "
+              "(create_graph=True, e.g. training on forces). Train with mace-torch or use a model "
+              "exported with --reference");
 }
 
 // Layout of the tensor-product paths: spherical-harmonic rows, weight block and output block.
@@ -146,40 +163,39 @@ Isa active_isa()
   return isa;
 }
 
-template <typename T> void run_forward(const ConvLayout &layout, const ConvForwardArgs<T> &args, int64_t num_nodes)
+// The loops of one instruction set, for one dtype.
+template <typename T> struct IsaKernels {
+  void (*conv_forward)(const ConvLayout &, const ConvForwardArgs<T> &, int64_t, int64_t, T *);
+  void (*conv_backward)(const ConvLayout &, const ConvBackwardArgs<T> &, int64_t, int64_t, T *);
+  void (*product)(const ProductLayout &, const ProductArgs<T> &, int64_t, int64_t, T *);
+};
+
+template <typename T> IsaKernels<T> kernels_of(Isa isa)
 {
-  const Isa isa = active_isa();
-  at::parallel_for(0, num_nodes, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(layout.S * layout.C);
-    switch (isa) {
+  switch (isa) {
 #if defined(UMLIPFT_HAVE_X86_KERNELS)
-      case Isa::avx512: avx512::conv_forward(layout, args, begin, end, scratch.data()); break;
-      case Isa::avx2: avx2::conv_forward(layout, args, begin, end, scratch.data()); break;
+    case Isa::avx512: return {avx512::conv_forward, avx512::conv_backward, avx512::product};
+    case Isa::avx2: return {avx2::conv_forward, avx2::conv_backward, avx2::product};
 #endif
-      default: generic::conv_forward(layout, args, begin, end, scratch.data());
-    }
+    default: return {generic::conv_forward, generic::conv_backward, generic::product};
+  }
+}
+
+// kernel(layout, args, begin, end, scratch) over tasks 0..count-1 on libtorch's threads, each
+// thread with its own scratch of `scratch_size` values.
+template <typename T, typename Layout, typename Args>
+void run_on_threads(void (*kernel)(const Layout &, const Args &, int64_t, int64_t, T *), const Layout &layout,
+                    const Args &args, int64_t count, int64_t scratch_size)
+{
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(scratch_size);
+    kernel(layout, args, begin, end, scratch.data());
   });
 }
 
-template <typename T>
-void run_backward(const ConvLayout &layout, const ConvBackwardArgs<T> &args, int64_t num_nodes)
+ConvLayout make_layout(const KeyGroups &ranges, const Tensor &sender, const Paths &paths, int64_t C, int64_t S)
 {
-  const Isa isa = active_isa();
-  at::parallel_for(0, num_nodes, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(layout.S * layout.C);
-    switch (isa) {
-#if defined(UMLIPFT_HAVE_X86_KERNELS)
-      case Isa::avx512: avx512::conv_backward(layout, args, begin, end, scratch.data()); break;
-      case Isa::avx2: avx2::conv_backward(layout, args, begin, end, scratch.data()); break;
-#endif
-      default: generic::conv_backward(layout, args, begin, end, scratch.data());
-    }
-  });
-}
-
-ConvLayout make_layout(const ReceiverRanges &ranges, const Tensor &sender, const Paths &paths, int64_t C, int64_t S)
-{
-  return ConvLayout{ranges.offsets.data(), ranges.order.empty() ? nullptr : ranges.order.data(),
+  return ConvLayout{ranges.offsets.data(), ranges.order_or_null(),
                     sender.data_ptr<int64_t>(), C, S, paths.count(), paths.sh_start.data(),
                     paths.sh_dim.data(), paths.weight_block.data(), paths.out_start.data()};
 }
@@ -235,13 +251,12 @@ class ScalarConv : public torch::autograd::Function<ScalarConv> {
     int64_t out_rows = 0;
     for (auto d : path_sh_dim) out_rows += d;
     Tensor out = torch::empty({in.num_nodes, in.C * out_rows}, in.x.options());
-    const auto ranges = group_by_receiver(in.receiver.data_ptr<int64_t>(), in.sender.data_ptr<int64_t>(), in.num_edges, in.num_nodes);
+    const auto ranges = group_edges_by_receiver(in.receiver, in.sender, in.num_nodes);
     const ConvLayout layout = make_layout(ranges, in.sender, paths, in.C, in.S);
     AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "umlipft_scalar_conv", [&] {
-      run_forward<scalar_t>(layout,
-                            {in.x.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(), in.y.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>()},
-                            in.num_nodes);
+      const ConvForwardArgs<scalar_t> args{in.x.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(),
+                                           in.y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>()};
+      run_on_threads(kernels_of<scalar_t>(active_isa()).conv_forward, layout, args, in.num_nodes, in.S * in.C);
     });
     ctx->save_for_backward({in.x, in.w, in.y, in.sender, in.receiver});
     ctx->saved_data["sh_start"] = path_sh_start;
@@ -253,10 +268,7 @@ class ScalarConv : public torch::autograd::Function<ScalarConv> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                  torch::autograd::variable_list grad_outputs)
   {
-    TORCH_CHECK(!torch::GradMode::is_enabled(),
-                "umlipft::scalar_conv has first derivatives only (forces, virials): a second "
-                "derivative was requested (create_graph=True, e.g. training on forces). Train with "
-                "mace-torch or use a model exported with --reference");
+    refuse_second_derivative("umlipft::scalar_conv");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1], &y = saved[2], &sender = saved[3], &receiver = saved[4];
     const auto sh_start = ctx->saved_data["sh_start"].toIntVector();
@@ -270,15 +282,15 @@ class ScalarConv : public torch::autograd::Function<ScalarConv> {
     Tensor grad_w = need_w ? torch::empty_like(w) : Tensor();
     Tensor grad_y = need_y ? torch::zeros_like(y) : Tensor();    // rows of no path stay zero
     Tensor grad_x_edge = need_x ? torch::empty({num_edges, C}, x.options()) : Tensor();
-    const auto ranges = group_by_receiver(receiver.data_ptr<int64_t>(), sender.data_ptr<int64_t>(), num_edges, num_nodes);
+    const auto ranges = group_edges_by_receiver(receiver, sender, num_nodes);
     const ConvLayout layout = make_layout(ranges, sender, paths, C, S);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "umlipft_scalar_conv_backward", [&] {
-      run_backward<scalar_t>(layout,
-                             {x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                              grad_out.data_ptr<scalar_t>(), need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
-                              need_x ? grad_x_edge.data_ptr<scalar_t>() : nullptr,
-                              need_y ? grad_y.data_ptr<scalar_t>() : nullptr},
-                             num_nodes);
+      const ConvBackwardArgs<scalar_t> args{x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                            grad_out.data_ptr<scalar_t>(),
+                                            need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
+                                            need_x ? grad_x_edge.data_ptr<scalar_t>() : nullptr,
+                                            need_y ? grad_y.data_ptr<scalar_t>() : nullptr};
+      run_on_threads(kernels_of<scalar_t>(active_isa()).conv_backward, layout, args, num_nodes, S * C);
     });
     Tensor grad_x;
     if (need_x) grad_x = torch::zeros_like(x).index_add_(0, sender, grad_x_edge);
@@ -300,8 +312,8 @@ Tensor scalar_conv(const Tensor &node_feats, const Tensor &weights, const Tensor
 // t2_off, out_col]; the module that builds `packed` (umlipft.models.fast) writes both.
 struct ProductPlan {
   ProductLayout layout;
-  std::vector<int64_t> element_offsets, node_list;
-  int64_t scratch = 0;
+  KeyGroups nodes_by_element;
+  int64_t scratch() const { return 2 * (layout.max_r0 + layout.max_r1) + layout.L; }
 };
 
 ProductPlan make_product_plan(const Tensor &x, const Tensor &species, const Tensor &packed,
@@ -324,7 +336,8 @@ ProductPlan make_product_plan(const Tensor &x, const Tensor &species, const Tens
   TORCH_CHECK(species.scalar_type() == torch::kLong && species.dim() == 1 && species.size(0) == x.size(0),
               "umlipft::symmetric_contraction: species must be int64 [N]");
   P.element_stride = packed.size(1);
-  int64_t out = 0, max_r0 = 0, max_r1 = 0;
+  int64_t out = 0;
+  P.max_r0 = P.max_r1 = 0;
   for (int64_t j = 0; j < P.num_contractions; ++j) {
     const int64_t *v = spec.data() + 3 + 8 * j;
     ContractionSpec &c = P.spec[j];
@@ -337,42 +350,16 @@ ProductPlan make_product_plan(const Tensor &x, const Tensor &species, const Tens
                     (c.corr < 3 || c.t2_off + P.C * P.L * c.dim_out <= P.element_stride),
                 "umlipft::symmetric_contraction: contraction ", j, " does not fit the packed tensors");
     out += P.C * c.dim_out;
-    max_r0 = std::max(max_r0, c.R0);
-    max_r1 = std::max(max_r1, c.R1);
+    P.max_r0 = std::max(P.max_r0, c.R0);
+    P.max_r1 = std::max(P.max_r1, c.R1);
   }
   P.out_stride = out;
-  const int64_t num_nodes = x.size(0), num_elements = packed.size(0);
-  P.num_elements = num_elements;
-  const int64_t *sp = species.data_ptr<int64_t>();
-  plan.element_offsets.assign(num_elements + 1, 0);
-  for (int64_t n = 0; n < num_nodes; ++n) {
-    TORCH_CHECK(sp[n] >= 0 && sp[n] < num_elements, "umlipft::symmetric_contraction: species ", sp[n],
-                " out of range for ", num_elements, " elements");
-    plan.element_offsets[sp[n] + 1] += 1;
-  }
-  for (int64_t e = 0; e < num_elements; ++e) plan.element_offsets[e + 1] += plan.element_offsets[e];
-  plan.node_list.resize(num_nodes);
-  std::vector<int64_t> fill(plan.element_offsets.begin(), plan.element_offsets.end() - 1);
-  for (int64_t n = 0; n < num_nodes; ++n) plan.node_list[fill[sp[n]]++] = n;
-  P.element_offsets = plan.element_offsets.data();
-  P.node_list = plan.node_list.data();
-  plan.scratch = 2 * max_r0 + 2 * max_r1 + P.L;
+  P.num_elements = packed.size(0);
+  plan.nodes_by_element = group_by_key(species.data_ptr<int64_t>(), x.size(0), P.num_elements,
+                                       "umlipft::symmetric_contraction: species", "elements");
+  P.element_offsets = plan.nodes_by_element.offsets.data();
+  P.node_list = plan.nodes_by_element.order_or_null();
   return plan;
-}
-
-template <typename T> void run_product(const ProductPlan &plan, const ProductArgs<T> &args, int64_t num_elements)
-{
-  const Isa isa = active_isa();
-  at::parallel_for(0, num_elements * plan.layout.C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(plan.scratch);
-    switch (isa) {
-#if defined(UMLIPFT_HAVE_X86_KERNELS)
-      case Isa::avx512: avx512::product(plan.layout, args, begin, end, scratch.data()); break;
-      case Isa::avx2: avx2::product(plan.layout, args, begin, end, scratch.data()); break;
-#endif
-      default: generic::product(plan.layout, args, begin, end, scratch.data());
-    }
-  });
 }
 
 class SymmetricContraction : public torch::autograd::Function<SymmetricContraction> {
@@ -387,9 +374,10 @@ class SymmetricContraction : public torch::autograd::Function<SymmetricContracti
     const ProductPlan plan = make_product_plan(x, species, packed, spec);
     Tensor out = torch::empty({x.size(0), plan.layout.out_stride}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "umlipft_symmetric_contraction", [&] {
-      run_product<scalar_t>(plan, {x.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                   nullptr, nullptr},
-                            packed.size(0));
+      const ProductArgs<scalar_t> args{x.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                       nullptr, nullptr};
+      run_on_threads(kernels_of<scalar_t>(active_isa()).product, plan.layout, args,
+                     plan.layout.num_elements * plan.layout.C, plan.scratch());
     });
     ctx->save_for_backward({x, species, packed});
     ctx->saved_data["spec"] = spec;
@@ -399,19 +387,17 @@ class SymmetricContraction : public torch::autograd::Function<SymmetricContracti
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                  torch::autograd::variable_list grad_outputs)
   {
-    TORCH_CHECK(!torch::GradMode::is_enabled(),
-                "umlipft::symmetric_contraction has first derivatives only (forces, virials): a second "
-                "derivative was requested (create_graph=True, e.g. training on forces). Train with "
-                "mace-torch or use a model exported with --reference");
+    refuse_second_derivative("umlipft::symmetric_contraction");
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &species = saved[1], &packed = saved[2];
     const ProductPlan plan = make_product_plan(x, species, packed, ctx->saved_data["spec"].toIntVector());
     const Tensor grad_out = grad_outputs[0].contiguous();
     Tensor grad_x = torch::empty_like(x);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "umlipft_symmetric_contraction_backward", [&] {
-      run_product<scalar_t>(plan, {x.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), nullptr,
-                                   grad_out.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>()},
-                            packed.size(0));
+      const ProductArgs<scalar_t> args{x.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), nullptr,
+                                       grad_out.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>()};
+      run_on_threads(kernels_of<scalar_t>(active_isa()).product, plan.layout, args,
+                     plan.layout.num_elements * plan.layout.C, plan.scratch());
     });
     return {grad_x, Tensor(), Tensor(), Tensor()};
   }
@@ -468,10 +454,7 @@ class FrozenLinear : public torch::autograd::Function<FrozenLinear> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                  torch::autograd::variable_list grad_outputs)
   {
-    TORCH_CHECK(!torch::GradMode::is_enabled(),
-                "umlipft::linear has first derivatives only (forces, virials): a second derivative "
-                "was requested (create_graph=True, e.g. training on forces). Train with mace-torch or "
-                "use a model exported with --reference");
+    refuse_second_derivative("umlipft::linear");
     const auto saved = ctx->get_saved_variables();
     // d(input @ W) / d input = grad @ W^T: the same product with the two layouts swapped.
     return {matmul_frozen(grad_outputs[0].contiguous(), saved[1], saved[0]), Tensor(), Tensor()};

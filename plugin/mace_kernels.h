@@ -55,9 +55,10 @@ constexpr int64_t MAX_CONTRACTIONS = 8;
 
 struct ProductLayout {
   int64_t C, L, num_contractions, out_stride, element_stride, num_elements;
+  int64_t max_r0, max_r1;            // largest R0 / R1 over the contractions (scratch layout)
   ContractionSpec spec[MAX_CONTRACTIONS];
   const int64_t *element_offsets;    // nodes of element e: node_list[element_offsets[e] .. [e+1])
-  const int64_t *node_list;
+  const int64_t *node_list;          // nullptr when the nodes are already grouped by element
 };
 
 template <typename T> struct ProductArgs {
@@ -68,7 +69,8 @@ template <typename T> struct ProductArgs {
   T *grad_x;            // [N, C, L] (backward) or nullptr
 };
 
-// Scratch per calling thread: S * C values (forward and backward).
+// Scratch per calling thread: S * C values for the convolution (forward and backward),
+// 2 * (max_r0 + max_r1) + L for the product basis.
 #define UMLIPFT_DECLARE_ISA(isa)                                                                      \
   namespace isa {                                                                                     \
   void conv_forward(const ConvLayout &, const ConvForwardArgs<float> &, int64_t, int64_t, float *);   \

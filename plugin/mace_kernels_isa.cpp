@@ -233,23 +233,18 @@ template <typename T>
 void product(const ProductLayout &P, const ProductArgs<T> &a, int64_t task_begin, int64_t task_end, T *scratch)
 {
   const int64_t C = P.C, L = P.L;
-  int64_t max_r0 = 0, max_r1 = 0;
-  for (int64_t j = 0; j < P.num_contractions; ++j) {
-    max_r0 = P.spec[j].R0 > max_r0 ? P.spec[j].R0 : max_r0;
-    max_r1 = P.spec[j].R1 > max_r1 ? P.spec[j].R1 : max_r1;
-  }
   T *__restrict a0 = scratch;
-  T *__restrict a1 = a0 + max_r0;
-  T *__restrict g0 = a1 + max_r1;
-  T *__restrict g1 = g0 + max_r0;
-  T *__restrict gx = g1 + max_r1;
+  T *__restrict a1 = a0 + P.max_r0;
+  T *__restrict g0 = a1 + P.max_r1;
+  T *__restrict g1 = g0 + P.max_r0;
+  T *__restrict gx = g1 + P.max_r1;
   for (int64_t task = task_begin; task < task_end; ++task) {
     // Channel-major task order: every contiguous range of tasks (one per thread) mixes all
     // elements, whatever their node counts.
     const int64_t c = task / P.num_elements, e = task % P.num_elements;
     const T *element = a.packed + e * P.element_stride;
     for (int64_t k = P.element_offsets[e]; k < P.element_offsets[e + 1]; ++k) {
-      const int64_t n = P.node_list[k];
+      const int64_t n = P.node_list ? P.node_list[k] : k;
       const T *__restrict x = a.x + (n * C + c) * L;
       if (!a.out)
         for (int64_t l = 0; l < L; ++l) gx[l] = 0;

@@ -253,13 +253,16 @@ def mace_contraction(correlation: int, irreps_out: str, channels: int = 8, eleme
 
 @pytest.mark.parametrize("correlation,irreps_out", [(3, "8x0e+8x1o"), (3, "8x0e"), (2, "8x0e+8x1o"), (1, "8x1o")],
                          ids=["corr3-0e1o", "corr3-0e", "corr2-0e1o", "corr1-1o"])
-def test_kernel_symmetric_contraction_equals_mace_values_and_gradient(correlation, irreps_out):
+@pytest.mark.parametrize("species_order", ["shuffled", "grouped"])
+def test_kernel_symmetric_contraction_equals_mace_values_and_gradient(correlation, irreps_out, species_order):
     from umlipft.models.fast import KernelSymmetricContraction
 
     sc = mace_contraction(correlation, irreps_out)
     kernel = torch.jit.script(KernelSymmetricContraction(sc))
     gen = torch.Generator().manual_seed(7)
-    species = torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1, 0, 2])   # unsorted, every element
+    species = torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1, 0, 2])   # every element
+    if species_order == "grouped":  # the kernel's no-permutation path
+        species = torch.sort(species).values
     y = torch.nn.functional.one_hot(species, 3).double()
     x = torch.randn(len(species), 8, 9, generator=gen, dtype=torch.float64)
     x_ref, x_new = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
