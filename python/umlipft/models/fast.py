@@ -517,12 +517,10 @@ def fuse_products(model: torch.nn.Module, kernels: bool = False) -> int:
         if sc is None or type(sc).__name__ != "SymmetricContraction":
             continue
         try:
-            contractions = list(sc.contractions)
-            sizes = []
-            for c in contractions:
-                corr = int(c.correlation)
-                sizes.append(c.weights_max.shape[0] * c.weights_max.shape[2]
-                             * c.U_tensors(corr).numel() // c.U_tensors(corr).shape[-1])
+            correlations = [int(c.correlation) for c in sc.contractions]
+            sizes = [c.weights_max.shape[0] * c.weights_max.shape[2]
+                     * c.U_tensors(corr).numel() // c.U_tensors(corr).shape[-1]
+                     for c, corr in zip(sc.contractions, correlations)]
         except (AttributeError, TypeError):
             continue
         if max(sizes) > MAX_PRODUCT_TENSOR:
@@ -531,9 +529,8 @@ def fuse_products(model: torch.nn.Module, kernels: bool = False) -> int:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            fast = FusedSymmetricContraction(sc)
-            if kernels and max(fast.correlations) <= 3:
-                fast = KernelSymmetricContraction(sc)
+            use_kernel = kernels and max(correlations) <= 3
+            fast = KernelSymmetricContraction(sc) if use_kernel else FusedSymmetricContraction(sc)
         finally:
             torch.set_default_dtype(previous)
         if not _same_contraction(sc, fast):
