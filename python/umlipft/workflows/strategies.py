@@ -62,6 +62,17 @@ def _segment_record(name: str, model: str, run: dict[str, Any], time_offset_ps: 
             "thermo": run["thermo"][0], "final": run["finals"][0], "time_offset_ps": time_offset_ps}
 
 
+def _single_trajectory_start(state: WorkflowState,
+                             config: WorkflowConfig) -> tuple[str, tuple[str, ...], str, list[str]]:
+    """Start structure, its elements, the universal model's LAMMPS export and the first segment's
+    dependencies, for the strategies that follow one trajectory (periodic, control, adaptive)."""
+    start = start_stage(state, config, 1)
+    start0 = start["structures"][0]
+    elements = elements_of(absolute(state, start0))
+    md_model = export_stage(state, config, UNIVERSAL, config.foundation, elements)
+    return start0, elements, md_model, start["stages"][:1] + [f"export/{UNIVERSAL}"]
+
+
 def _finetune_and_export(state: WorkflowState, config: WorkflowConfig, strategy: str, i: int, name: str,
                          labelled: list[str], models: list[ModelInfo], elements: Sequence[str]) -> ModelInfo:
     """Fine-tune on every frame labelled so far (segments 0..i) and export for LAMMPS."""
@@ -82,16 +93,12 @@ def run_periodic(state: WorkflowState, config: WorkflowConfig, *, strategy: str 
     model. ``strategy='control'``: the same, but the trajectory continues with the universal
     model, and model NP-n is trained on the first n labelled frames."""
     feedback = strategy == "periodic"
-    start = start_stage(state, config, 1)
-    start0 = start["structures"][0]
-    elements = elements_of(absolute(state, start0))
+    start0, elements, md_model, deps_md = _single_trajectory_start(state, config)
     md = config.md
     models = [universal(config)]
     labelled: list[str] = []
     segments: list[dict[str, Any]] = []
-    md_model = export_stage(state, config, UNIVERSAL, config.foundation, elements)
     previous_md: str | None = None
-    deps_md = start["stages"][:1] + [f"export/{UNIVERSAL}"]
     n_total = 0
     for i in range(config.iterations):
         seg = f"{strategy}/seg-{i:02d}"
@@ -195,17 +202,13 @@ def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult
     leaves the current training data (more than ``adaptive.max_fraction_outside`` of its atoms
     above their Q, or T², control limit of a PCA fitted on the training frames); the frames
     furthest outside are labelled. The first segment, with no training data yet, is periodic's."""
-    start = start_stage(state, config, 1)
-    start0 = start["structures"][0]
-    elements = elements_of(absolute(state, start0))
+    start0, elements, md_model, deps_md = _single_trajectory_start(state, config)
     md = config.md
     ad = config.adaptive
     models = [universal(config)]
     labelled: list[str] = []
     segments: list[dict[str, Any]] = []
-    md_model = export_stage(state, config, UNIVERSAL, config.foundation, elements)
     previous_md: str | None = None
-    deps_md = start["stages"][:1] + [f"export/{UNIVERSAL}"]
     time_ps = 0.0
     chunks_per_segment = md.segment_steps // ad.chunk_steps
     for i in range(config.iterations):
