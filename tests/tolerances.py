@@ -59,3 +59,15 @@ EVAL_E0_SHIFT_FP32_MEV_PER_ATOM = 0.01
 # forces agree to float32 reduction-order noise (measured 8e-8 relative on a force RMSE of
 # 0.05 eV/Å; threaded sums are not bitwise reproducible). A changed force field moves it by >1e-3.
 EVAL_FP32_FORCE_RMSE_REL = 1e-5
+# --- LAMMPS from Python (issue 12) ---
+# ASE's LAMMPSlib against lmp, same fp64 export, same plugin, same frame: positions reach LAMMPS
+# as doubles either way (scatter vs a %.17g data file), so only reduction order can differ
+# (measured on the 170-atom aqueous frame: energy 0, forces 1.1e-13, stress 8e-17). A wrong type
+# map or positions truncated to 1e-6 Å miss by orders of magnitude more.
+LAMMPSLIB_VS_LMP_ENERGY_EV = 1e-9
+LAMMPSLIB_VS_LMP_FORCE_EV_A = 1e-10
+LAMMPSLIB_VS_LMP_STRESS_EV_A3 = 1e-12
+# --- plan check (issue 11) ---
+# A refused plan must come back before anything runs: the issue's bound for the bad values,
+# measured 0.6-1.5 s here (CLI start, config load, every stage's config built, preflights).
+PLAN_CHECK_MAX_S = 20.0
