@@ -64,3 +64,20 @@ def test_bad_input():
         coverage(np.zeros((3, 1)), np.zeros((3, 1)))
     with pytest.raises(InputError):
         coverage(np.zeros((3, 2)), np.zeros((3, 2)), bins=0)
+
+
+def test_new_frames_are_found_by_content_wherever_they_sit(periodic_u_path, tmp_path):
+    from umlipft.analysis.frames import frame_fingerprint, new_frames
+    from umlipft.io import read_frames, write_frames
+
+    pool = read_frames(periodic_u_path, index=":6")
+    earlier = [pool[4], pool[1]]
+    later = [pool[0], pool[1], pool[3], pool[4]]  # written in pool order: new ones not at the end
+    path = write_frames(tmp_path / "later.extxyz", later)
+    reread = read_frames(path)
+    assert [frame_fingerprint(a) for a in new_frames(reread, earlier)] == \
+        [frame_fingerprint(pool[0]), frame_fingerprint(pool[3])]
+    moved = pool[2].copy()
+    moved.positions[7] += 1e-3
+    assert frame_fingerprint(moved) != frame_fingerprint(pool[2])
+    assert len({frame_fingerprint(a) for a in pool}) == 6

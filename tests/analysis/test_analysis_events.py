@@ -166,3 +166,50 @@ def test_changing_atom_order_is_refused(base):
     other = base[::-1]
     with pytest.raises(InputError, match="atom order"):
         detect_events([base, other])
+
+
+# ------------------------------------------------------------------ tracked atoms
+def test_tracked_atoms_are_the_atoms_of_the_events_not_the_lowest_indices(base):
+    from umlipft.analysis.monitor import select_tracked_atoms
+
+    hcl, h, cl, owner = _plant_hcl(base)
+    hcl_events = detect_events([base, _rattled(base, 1), hcl, _rattled(hcl, 2)]).events
+    cocl, co, _ = _plant_cocl(base)
+    co_events = detect_events([base, _rattled(base, 3), cocl]).events
+    symbols = base.get_chemical_symbols()
+    q = np.zeros(len(base))  # the events decide, not Q
+    assert symbols[h] == "H" and symbols[owner] == "O" and symbols[cl] == "Cl"
+    # The H, the O it left and the Cl it bonds to, in that order (by index it would be H, Cl, O:
+    # these frames list Li0, Co1, H, Cl 112-114, O).
+    assert select_tracked_atoms(symbols, q, hcl_events, n_max=5) == ([h, owner, cl], "events")
+    assert cl < owner
+    # A coordination change tracks the Co; a bond event outranks it under a tight cap.
+    assert select_tracked_atoms(symbols, q, co_events, n_max=5) == ([co], "events")
+    both = list(co_events) + list(hcl_events)
+    assert select_tracked_atoms(symbols, q, both, n_max=4) == ([h, owner, cl, co], "events")
+    # (the lowest indices of the event atoms would have been Co1 and the H)
+    assert select_tracked_atoms(symbols, q, both, n_max=2) == ([h, owner], "events")
+    assert select_tracked_atoms(symbols, q, both, n_max=0) == ([], "none")
+
+
+def test_without_events_the_highest_q_atom_of_each_element_is_tracked():
+    from umlipft.analysis.monitor import select_tracked_atoms
+
+    symbols = ["O", "H", "H", "Co", "O", "H", "Cl", "Na"]
+    max_q = np.array([1.0, 0.5, 0.2, 3.0, 4.0, 0.9, 0.1, np.nan])  # Na: no PCA for it
+    # by atomic number: H (atom 5), O (atom 4), Cl (6), Co (3); Na has no finite Q
+    assert select_tracked_atoms(symbols, max_q) == ([5, 4, 6, 3], "highest Q per element")
+
+
+def test_analyze_trajectory_tracks_the_event_atoms(base, global_pca, tmp_path):
+    from umlipft.analysis.monitor import QConfig, analyze_trajectory
+    from umlipft.io import write_frames
+
+    hcl, h, cl, owner = _plant_hcl(base)
+    frames = [base, _rattled(base, 1), hcl]
+    path = write_frames(tmp_path / "traj.extxyz", frames)
+    events = detect_events(frames, EventsConfig(frame_interval_ps=0.5)).events
+    result = analyze_trajectory(global_pca, path, tmp_path / "q", QConfig(frame_interval_ps=0.5), events=events)
+    assert result.summary["tracked_atoms"] == [h, owner, cl]
+    assert result.summary["tracked_because"] == "events"
+    assert set(result.summary["tracked"]) == {f"H{h}", f"O{owner}", f"Cl{cl}"}

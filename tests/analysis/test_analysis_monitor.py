@@ -66,3 +66,39 @@ def test_truncated_and_reordered_trajectories_are_refused(global_pca, short_traj
     with pytest.raises(InputError, match="same order"):
         analyze_trajectory(global_pca, swapped, tmp_path / "out2")
     assert not list((tmp_path / "out2").glob("*.npy"))
+
+
+def test_own_band_of_a_known_series():
+    from umlipft.analysis.monitor import own_band
+
+    q = np.array([1.0, 3.0, 2.0, 6.0, 3.0])  # mean 3, sample variance (4+0+1+9+0)/4 = 3.5
+    band = own_band(q, 2.0)
+    assert band["mean"] == pytest.approx(3.0)
+    assert band["std"] == pytest.approx(np.sqrt(3.5))
+    assert (band["low"], band["high"]) == (pytest.approx(3.0 - 2 * np.sqrt(3.5)), pytest.approx(3.0 + 2 * np.sqrt(3.5)))
+
+
+def test_q_plot_draws_each_atoms_own_band_and_the_training_limits_apart(global_pca, short_traj, tmp_path):
+    from umlipft.analysis.monitor import plot_tracked
+
+    result = analyze_trajectory(global_pca, short_traj, tmp_path / "q",
+                                QConfig(frame_interval_ps=0.02, track=(1, 112, 120)))
+    q, _ = result.load(mmap=False)
+    fig, data = plot_tracked(result, "q")
+    limits = result.summary["limits"]
+    for i, label in zip((1, 112, 120), ("Co1", "Cl112", "O120")):
+        series = q[:, i]
+        mean, std = series.mean(), series.std(ddof=1)  # the atom's own Q(t), not the training set's
+        assert data["series"][label]["band"] == [pytest.approx(mean - 2 * std), pytest.approx(mean + 2 * std)]
+        assert result.summary["tracked"][label]["own_band"]["high"] == pytest.approx(mean + 2 * std)
+        symbol = label.rstrip("0123456789")
+        assert data["series"][label]["limit"] == limits[symbol]["q_limit"]
+        assert "training-set Q limit" in data["series"][label]["limit_label"]
+        assert data["series"][label]["band"] != [limits[symbol]["q_band_low"], limits[symbol]["q_band_high"]]
+    # The legend names the bands and the limits separately.
+    legend = [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else \
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "Co1: own mean ± 2σ over the run" in legend
+    assert any(t.startswith("Cl training-set Q limit") for t in legend)
+    assert data["time_axis"] == "time (fs)"  # 3 frames 20 fs apart
+    np.testing.assert_allclose(data["times"], [0.0, 20.0, 40.0])

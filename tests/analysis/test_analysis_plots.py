@@ -124,3 +124,21 @@ def test_bond_histograms_and_coordination(tmp_path, fit_frames, test_frame):
     fig, data = plots.plot_coordination(np.arange(3.0), series)
     np.testing.assert_array_equal(fig.axes[0].lines[0].get_ydata(), series.counts[:, 0])
     _save_and_check(fig, data, tmp_path / "coordination.png")
+
+
+@pytest.mark.parametrize("span_ps, unit, last", [(0.02, "fs", 20.0), (40.0, "ps", 40.0), (9000.0, "ns", 9.0)])
+def test_time_axis_picks_the_unit_of_the_span(span_ps, unit, last):
+    values, label, scale = plots.time_axis(np.linspace(0.0, span_ps, 5))
+    assert label == f"time ({unit})" and values[-1] == pytest.approx(last)
+    assert values[-1] * scale == pytest.approx(span_ps)
+
+
+def test_energy_trajectory_of_a_short_run_in_fs_with_event_times(tmp_path):
+    t_ps = np.linspace(0.0, 0.02, 5)  # a 20-fs run
+    events = [Event("bond_formed", 2, 0.01, (5, 168), "H-Cl formed", False, True)]
+    fig, data = plots.plot_energy_trajectory(t_ps, -800 + t_ps, t_ps[::2], -800 + t_ps[::2], events=events)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "time (fs)"
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [0, 5, 10, 15, 20])
+    assert data["events"] == [{"time": pytest.approx(10.0), "label": "H-Cl formed"}]
+    _save_and_check(fig, data, tmp_path / "energy.png")

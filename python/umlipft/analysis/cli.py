@@ -38,9 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--batch-frames", type=int, help="frames per descriptor batch (default 4)")
     q.add_argument("--frame-interval-ps", type=float, help="time between frames; else frame numbers")
     q.add_argument("--model", help="path of the MACE model if it moved since the PCA was fitted")
-    q.add_argument("--track", type=int, nargs="+", help="atom indices to plot (default: largest Q/limit)")
-    q.add_argument("--n-track", type=int)
-    q.add_argument("--events", metavar="EVENTS.json", help="mark events from 'analyze events --json'")
+    q.add_argument("--track", type=int, nargs="+",
+                   help="atom indices to plot (default: the atoms of --events, else the highest-Q atom of "
+                   "each element)")
+    q.add_argument("--n-track", type=int, help="at most this many event atoms (default 5)")
+    q.add_argument("--events", metavar="EVENTS.json",
+                   help="events from 'analyze events --json': marked on the plots, their atoms tracked")
     _frame_options(q)
     q.add_argument("--config", help="YAML file with QConfig keys")
     q.add_argument("--json", metavar="OUT.json", help="copy of the results summary")
@@ -158,11 +161,9 @@ def _pca(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- q
 def _q(args: argparse.Namespace) -> int:
     from ..summary import RunSummary
-    from .frames import time_label
-    from .geometry import Event
-    from .monitor import QConfig, analyze_trajectory, tracked_series
+    from .monitor import QConfig, analyze_trajectory, plot_tracked
     from .pca import DescriptorPCA
-    from .plots import plot_control_chart, save_figure
+    from .plots import save_figure
 
     overrides = {"alpha": args.alpha, "k_sigma": args.k_sigma, "batch_frames": args.batch_frames,
                  "frame_interval_ps": args.frame_interval_ps, "model": args.model,
@@ -171,28 +172,18 @@ def _q(args: argparse.Namespace) -> int:
     config = QConfig.from_yaml(args.config, **overrides) if args.config else QConfig().replace(**overrides)
     pca = DescriptorPCA.load(args.pca)
     summary = RunSummary("analyze q", config)
-    with summary.timed("analysis_s"):
-        result = analyze_trajectory(pca, args.frames, args.output, config)
     events = _load_events(args.events) if args.events else []
-    series = tracked_series(result)
-    symbols = result.summary["symbols"]
-    labels = [f"{symbols[i]}{i}" for i in series["atoms"]]
-    limits = [result.summary["limits"].get(symbols[i]) for i in series["atoms"]]
-    xlabel = time_label(config.frame_interval_ps)
+    with summary.timed("analysis_s"):
+        result = analyze_trajectory(pca, args.frames, args.output, config, events=events)
     for key, name, ylabel in (("q", "q_timeseries.png", "Q-residual"), ("t2", "t2_timeseries.png", "Hotelling T²")):
-        if key == "q":
-            lim = [l["q_limit"] if l else float("nan") for l in limits]
-            band = [(l["q_band_low"], l["q_band_high"]) if l else (float("nan"),) * 2 for l in limits]
-        else:
-            lim = [l["t2_limit"] if l else float("nan") for l in limits]
-            band = [(max(l["t2_mean"] - config.k_sigma * l["t2_std"], 0.0), l["t2_band_high"]) if l
-                    else (float("nan"),) * 2 for l in limits]
-        fig, data = plot_control_chart(series["times"], series[key], labels, ylabel, lim, band, events, xlabel)
+        fig, data = plot_tracked(result, key, events)
         save_figure(fig, data, Path(args.output) / name,
-                    caption=f"{ylabel} of the tracked atoms of {Path(args.frames).name}; dashed: limit at "
-                    f"alpha={config.alpha}; shaded: training mean ± {config.k_sigma:g}σ.")
+                    caption=f"{ylabel} of the tracked atoms of {Path(args.frames).name} "
+                    f"({result.summary['tracked_because']}). Shaded: each atom's own mean ± {config.k_sigma:g}σ "
+                    f"over the trajectory (the study's band); dashed: its element's training-set limit at "
+                    f"alpha = {config.alpha:g}.")
     summary.results = {k: result.summary[k] for k in ("n_frames", "n_atoms", "per_element", "tracked_atoms",
-                                                      "elements_without_pca")}
+                                                      "tracked_because", "tracked", "elements_without_pca")}
     if args.json:
         _write_json(args.json, result.summary)
     _finish(summary, args.output)
@@ -326,7 +317,7 @@ def _coordination(args: argparse.Namespace) -> int:
     result = {"times": times.tolist(), "time_unit": "ps" if args.frame_interval_ps else "frame",
               **series.to_dict()}
     if args.output:
-        fig, data = plot_coordination(times, series, time_label(args.frame_interval_ps))
+        fig, data = plot_coordination(times, series, None if args.frame_interval_ps else "frame")
         save_figure(fig, data, Path(args.output) / "coordination.png",
                     caption="Ligands within the cutoff of each centre atom: " + ", ".join(str(r) for r in rules) + " Å.")
         summary.results = result

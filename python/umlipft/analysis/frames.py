@@ -85,3 +85,28 @@ def drop_isolated_atoms(frames: "Sequence[Atoms]") -> "list[Atoms]":
     vacuum box) for the E0s; they are no environment of the system and, in a descriptor PCA,
     only add elements (C, N in the aqueous sets) the system never contains."""
     return [a for a in frames if len(a) > 1 and a.info.get("config_type") != "IsolatedAtom"]
+
+
+def frame_fingerprint(atoms: "Atoms", decimals: int = 6) -> str:
+    """A content hash of a frame's atomic numbers, cell, periodicity and positions (rounded to
+    ``10**-decimals`` Å, so that the same frame read from two extxyz files, or once in float32,
+    hashes the same). Identifies frames across datasets by what they are, not by where they sit
+    in a file: the naive workflow writes its subsets in pool order, not in order of addition."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(atoms.numbers, dtype=np.int64).tobytes())
+    digest.update(np.asarray(atoms.pbc, dtype=np.uint8).tobytes())
+    for values in (atoms.cell.array, atoms.positions):
+        # + 0.0 turns -0.0 into 0.0: both round from tiny values of either sign.
+        digest.update((np.round(np.asarray(values, dtype=np.float64), decimals) + 0.0).tobytes())
+    return digest.hexdigest()
+
+
+def new_frames(frames: "Sequence[Atoms]", earlier: "Sequence[Atoms]") -> "list[Atoms]":
+    """The frames of ``frames`` that ``earlier`` does not hold (by :func:`frame_fingerprint`), in
+    their order: what an iteration added to a dataset, wherever the new frames sit in its file."""
+    seen = {frame_fingerprint(a) for a in earlier}
+    return [a for a in frames if frame_fingerprint(a) not in seen]

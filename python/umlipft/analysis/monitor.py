@@ -3,6 +3,17 @@
 Frames are read lazily and descriptors exist for one batch of frames at a time; per-atom results
 stream to ``.npy`` files on disk. Peak memory is therefore set by ``batch_frames`` × atoms ×
 descriptor width, not by the trajectory length.
+
+Two kinds of reference lines, kept apart everywhere (summary keys, plots, legends):
+- the study's band: mean ± kσ of the tracked atom's OWN Q(t) over the trajectory
+  (:func:`own_band`; ``tracked.<atom>.own_band`` in the summary);
+- training-set limits per element: the Q limit (Jackson-Mudholkar for a per-element PCA,
+  Liu-Tang-Zhang under a global one), the T² limit, and the training-set band (mean ± kσ of the
+  element's training Q; ``training_band_*`` flags).
+
+Tracked atoms (plotted and summarised over time): the atoms of the detected events (the H, O and
+Cl of an H-Cl formation with its proton transfer, the Co whose coordination changes), else the
+highest-Q atom of each element; see :func:`select_tracked_atoms`.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -19,8 +30,12 @@ from ..config import DriverConfig
 from ..errors import ConfigError, InputError
 from ..io import atomic_path, atomic_write_text
 from .frames import batched, check_same_atoms, frame_times, iter_frames
+from .stats import empirical_band
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .geometry import Event
     from .pca import DescriptorPCA
 
 Q_FILE = "q.npy"
@@ -34,13 +49,17 @@ class QConfig(DriverConfig):
     """Settings of ``umlipft analyze q``."""
 
     alpha: float = 0.01  # false-alarm probability of the Q and T² limits
-    k_sigma: float = 2.0  # width of the empirical band (the study drew mean ± 2σ)
+    # Width of the bands: the study's mean ± kσ of each tracked atom's own Q(t) over the
+    # trajectory, and the training-set band per element.
+    k_sigma: float = 2.0
     batch_frames: int = 4
     index: str = ":"
     format: str | None = None
     frame_interval_ps: float | None = None
     model: str | None = None  # a moved MACE model file, for --descriptor mace PCAs
-    track: tuple[int, ...] = ()  # atoms to plot; empty: the n_track atoms with the largest Q/limit
+    # Atoms to follow over time; empty: the atoms of the events given to analyze_trajectory (at most
+    # n_track of them), else the highest-Q atom of each element. n_track = 0 follows none.
+    track: tuple[int, ...] = ()
     n_track: int = 5
 
     def validate(self) -> None:
@@ -126,11 +145,12 @@ class QResult:
 
 
 def analyze_trajectory(pca: "DescriptorPCA", frames_path: str | Path, out_dir: str | Path,
-                       config: QConfig = QConfig()) -> QResult:
+                       config: QConfig = QConfig(), events: "Sequence[Event]" = ()) -> QResult:
     """Q, T² and scores of every atom of every frame; flags against the limits; a JSON summary.
 
     Writes ``q.npy`` and ``t2.npy`` (n_frames × n_atoms, float64), ``scores.npy``
-    (n_frames × n_atoms × k, float32) and ``q_results.json`` into ``out_dir``.
+    (n_frames × n_atoms × k, float32) and ``q_results.json`` into ``out_dir``. ``events``
+    (from :func:`umlipft.analysis.detect_events` on the same frames) choose the tracked atoms.
     """
     config.validate()
     out_dir = Path(out_dir)
@@ -170,7 +190,8 @@ def analyze_trajectory(pca: "DescriptorPCA", frames_path: str | Path, out_dir: s
     for writer in writers:
         writer.close()
     assert symbols is not None  # iter_frames raises on an empty file
-    summary = _summary(pca, config, frames_path, np.asarray(symbols), limits, acc, n_frames)
+    summary = _summary(pca, config, frames_path, np.asarray(symbols), limits, acc, n_frames, events)
+    summary["tracked"] = _tracked_stats(np.load(out_dir / Q_FILE, mmap_mode="r"), summary, config.k_sigma)
     atomic_write_text(out_dir / RESULTS_FILE, json.dumps(summary, indent=2) + "\n")
     return QResult(out_dir, summary)
 
@@ -193,11 +214,11 @@ class _Accumulator:
         self.max_q_ratio = np.full(n_atoms, -np.inf)
         self.n_q_flags = np.zeros(n_atoms, dtype=np.int64)
         self.n_t2_flags = np.zeros(n_atoms, dtype=np.int64)
-        self.n_band_flags = np.zeros(n_atoms, dtype=np.int64)
+        self.n_training_band_flags = np.zeros(n_atoms, dtype=np.int64)
         self.first_q_flag = np.full(n_atoms, -1, dtype=np.int64)
         self.frame_q_flags: list[int] = []
         self.frame_t2_flags: list[int] = []
-        self.frame_band_flags: list[int] = []
+        self.frame_training_band_flags: list[int] = []
         self.frame_max_q: list[float] = []
 
     def add(self, frame: int, q: np.ndarray, t2: np.ndarray, q_lim: np.ndarray, t2_lim: np.ndarray,
@@ -211,21 +232,23 @@ class _Accumulator:
         self.max_q_ratio = np.fmax(self.max_q_ratio, ratio)
         self.n_q_flags += q_flag
         self.n_t2_flags += t2_flag
-        self.n_band_flags += band_flag
+        self.n_training_band_flags += band_flag
         self.first_q_flag[(self.first_q_flag < 0) & q_flag] = frame
         self.frame_q_flags.append(int(q_flag.sum()))
         self.frame_t2_flags.append(int(t2_flag.sum()))
-        self.frame_band_flags.append(int(band_flag.sum()))
+        self.frame_training_band_flags.append(int(band_flag.sum()))
         self.frame_max_q.append(float(np.nanmax(q)) if np.isfinite(q).any() else float("nan"))
 
 
 def _summary(pca: "DescriptorPCA", config: QConfig, frames_path: str | Path, symbols: np.ndarray,
-             limits: dict, acc: _Accumulator, n_frames: int) -> dict[str, Any]:
-    order = np.argsort(-np.nan_to_num(acc.max_q_ratio, nan=-np.inf))
-    track = list(config.track) or [int(i) for i in order[:config.n_track]]
-    bad = [i for i in track if not 0 <= i < symbols.size]
-    if bad:
-        raise InputError(f"tracked atom indices {bad} are outside 0..{symbols.size - 1}")
+             limits: dict, acc: _Accumulator, n_frames: int, events: "Sequence[Event]") -> dict[str, Any]:
+    if config.track:
+        track, reason = list(config.track), "given"
+        bad = [i for i in track if not 0 <= i < symbols.size]
+        if bad:
+            raise InputError(f"tracked atom indices {bad} are outside 0..{symbols.size - 1}")
+    else:
+        track, reason = select_tracked_atoms(symbols, acc.max_q, events, config.n_track)
     per_element = {}
     for element in limits:
         mask = symbols == element
@@ -235,7 +258,7 @@ def _summary(pca: "DescriptorPCA", config: QConfig, frames_path: str | Path, sym
             "n_atoms": int(mask.sum()),
             "q_flag_fraction": float(acc.n_q_flags[mask].sum() / (mask.sum() * n_frames)),
             "t2_flag_fraction": float(acc.n_t2_flags[mask].sum() / (mask.sum() * n_frames)),
-            "band_flag_fraction": float(acc.n_band_flags[mask].sum() / (mask.sum() * n_frames)),
+            "training_band_flag_fraction": float(acc.n_training_band_flags[mask].sum() / (mask.sum() * n_frames)),
             "max_q": float(np.nanmax(acc.max_q[mask])),
         }
     no_pca = sorted(set(symbols) - set(limits))
@@ -251,18 +274,19 @@ def _summary(pca: "DescriptorPCA", config: QConfig, frames_path: str | Path, sym
         "elements_without_pca": no_pca,
         "per_element": per_element,
         "tracked_atoms": track,
+        "tracked_because": reason,
         "atoms": {
             "max_q": _nan_list(acc.max_q),
             "max_q_over_limit": _nan_list(acc.max_q_ratio),
             "q_flag_frames": acc.n_q_flags.tolist(),
             "t2_flag_frames": acc.n_t2_flags.tolist(),
-            "band_flag_frames": acc.n_band_flags.tolist(),
+            "training_band_flag_frames": acc.n_training_band_flags.tolist(),
             "first_q_flag_frame": acc.first_q_flag.tolist(),
         },
         "per_frame": {
             "q_flags": acc.frame_q_flags,
             "t2_flags": acc.frame_t2_flags,
-            "band_flags": acc.frame_band_flags,
+            "training_band_flags": acc.frame_training_band_flags,
             "max_q": _nan_list(np.asarray(acc.frame_max_q)),
         },
         "files": {"q": Q_FILE, "t2": T2_FILE, "scores": SCORES_FILE},
@@ -283,8 +307,114 @@ def load_result(out_dir: str | Path) -> QResult:
 
 
 def tracked_series(result: QResult) -> dict[str, Any]:
-    """Q and T² of the tracked atoms over time, read from the memory-mapped arrays."""
+    """Q and T² of the tracked atoms over time, read from the memory-mapped arrays; ``times`` in
+    ps when the frame interval is known, else frame numbers."""
     q, t2 = result.load(mmap=True)
     track = result.summary["tracked_atoms"]
     times = frame_times(result.summary["n_frames"], result.summary["frame_interval_ps"])
     return {"times": times, "atoms": track, "q": np.asarray(q[:, track]), "t2": np.asarray(t2[:, track])}
+
+
+# Events whose atoms are followed first: a bond that forms (H-Cl) or a changed coordination shell
+# is the chemistry the study tracked; proton transfers on their own (water's proton hopping) last.
+_EVENT_PRIORITY = {"bond_formed": 0, "coordination_change": 1, "bond_broken": 2, "proton_transfer": 3}
+
+
+def select_tracked_atoms(symbols: Sequence[str], max_q: np.ndarray, events: "Sequence[Event]" = (),
+                         n_max: int = 5) -> tuple[list[int], str]:
+    """The atoms to follow over time, and why: ``(atoms, "events" | "highest Q per element" | "none")``.
+
+    With events: their atoms, most important event first (bonds formed, coordination changes,
+    bonds broken, proton transfers; earlier first within a kind), at most ``n_max``. A bond
+    event brings the proton transfer of its H nearest in time, so an H-Cl formation gives the H,
+    the O it left and the Cl, in that order. Without events: the atom with the largest Q over
+    the trajectory of each element (by atomic number); elements without a PCA (NaN Q) have none.
+    ``n_max = 0`` tracks nothing.
+    """
+    from ase.data import atomic_numbers
+
+    if n_max <= 0:
+        return [], "none"
+    symbols = np.asarray(symbols)
+    max_q = np.asarray(max_q, dtype=float)
+    chosen: list[int] = []
+
+    def add(atoms: Sequence[int]) -> None:
+        for i in atoms:
+            if int(i) not in chosen and len(chosen) < n_max:
+                chosen.append(int(i))
+
+    transfers = [e for e in events if e.kind == "proton_transfer"]
+    for event in sorted(events, key=lambda e: (_EVENT_PRIORITY.get(e.kind, 9), e.frame, e.atoms)):
+        if event.kind in ("bond_formed", "bond_broken"):
+            own = [t for t in transfers if t.atoms[0] in event.atoms]
+            if own:
+                add(min(own, key=lambda t: (abs(t.frame - event.frame), t.frame)).atoms)
+        add(event.atoms)
+    if chosen:
+        return chosen, "events"
+    for element in sorted(set(symbols.tolist()), key=lambda e: atomic_numbers.get(e, 0)):
+        rows = np.flatnonzero((symbols == element) & np.isfinite(max_q))
+        if rows.size:
+            chosen.append(int(rows[np.argmax(max_q[rows])]))
+    return chosen, "highest Q per element"
+
+
+def own_band(series: np.ndarray, k_sigma: float) -> dict[str, float]:
+    """The study's band of one atom: mean ± kσ of its own Q(t) (or T²(t)) over the trajectory."""
+    mean, std, low, high = empirical_band(series, k_sigma)
+    return {"mean": mean, "std": std, "low": low, "high": high}
+
+
+def _tracked_stats(q: np.ndarray, summary: dict[str, Any], k_sigma: float) -> dict[str, Any]:
+    """Per tracked atom: its own band, and how often it leaves that band and its element's limit."""
+    out: dict[str, Any] = {}
+    for i in summary["tracked_atoms"]:
+        series = np.asarray(q[:, i], dtype=float)
+        symbol = summary["symbols"][i]
+        band = own_band(series, k_sigma)
+        limit = summary["limits"].get(symbol, {}).get("q_limit")
+        out[f"{symbol}{i}"] = {
+            "atom": int(i), "symbol": symbol,
+            "own_band": {k: (v if np.isfinite(v) else None) for k, v in band.items()},
+            "frames_above_own_band": int(np.sum(series > band["high"])) if np.isfinite(band["high"]) else 0,
+            "q_limit": limit,
+            "frames_above_q_limit": int(np.sum(series > limit)) if limit is not None else 0,
+            "max_q": float(np.nanmax(series)) if np.isfinite(series).any() else None,
+        }
+    return out
+
+
+def plot_tracked(result: QResult, statistic: str = "q", events: "Sequence[Event]" = (),
+                 title: str = "") -> tuple["Figure", dict]:
+    """Q(t) (or T²(t)) of the tracked atoms: each atom's own mean ± kσ band over the run (the
+    study's), and each element's training-set limit as a separately named dashed line."""
+    from .plots import plot_control_chart
+
+    series = tracked_series(result)
+    summary = result.summary
+    symbols = summary["symbols"]
+    k_sigma = float(summary["k_sigma"])
+    values = series[statistic]
+    labels = [f"{symbols[i]}{i}" for i in series["atoms"]]
+    bands = [(b["low"], b["high"]) for b in (own_band(values[:, k], k_sigma) for k in range(len(labels)))]
+    limits, limit_labels = [], []
+    for i in series["atoms"]:
+        lim = summary["limits"].get(symbols[i])
+        if lim is None:
+            limits.append(float("nan"))
+            limit_labels.append("")
+        elif statistic == "q":
+            limits.append(lim["q_limit"])
+            limit_labels.append(f"{symbols[i]} training-set Q limit ({lim['q_limit_method']}, "
+                                f"α = {summary['alpha']:g})")
+        else:
+            limits.append(lim["t2_limit"])
+            limit_labels.append(f"{symbols[i]} training-set T² limit (F, α = {summary['alpha']:g})")
+    name = "Q" if statistic == "q" else "T²"
+    return plot_control_chart(
+        series["times"], values, labels, f"{name}-residual" if statistic == "q" else "Hotelling T²",
+        limits=limits, limit_labels=limit_labels, bands=bands,
+        band_label=f"own mean ± {k_sigma:g}σ over the run", events=events,
+        xlabel=None if summary["frame_interval_ps"] is not None else "frame", log=False,
+        title=title or f"{name} of the tracked atoms ({summary['tracked_because']})")

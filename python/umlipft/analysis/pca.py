@@ -203,8 +203,10 @@ class DescriptorPCA:
         if not groups:
             raise InputError("no PCA could be fitted: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         model = cls(descriptor_settings, n_components, per_element, groups, {}, skipped, meta)
-        # Per element: the empirical band (mean ± kσ) the study drew, and the moments of the
-        # element's residuals that give it its own Jackson-Mudholkar limit (also under a global PCA).
+        # Per element: mean and spread of the element's training-set Q and T² (a training-set band;
+        # the study's band is each tracked atom's own Q(t) over the trajectory, see monitor.own_band),
+        # and the moments of the element's residuals that give it its own Q limit (also under a
+        # global PCA).
         for element in _ordered_elements(symbols):
             name = model.group_of(element)
             rows = np.flatnonzero(symbols == element)
@@ -263,7 +265,9 @@ class DescriptorPCA:
     # ------------------------------------------------------------------- limits
     def limits(self, alpha: float = 0.01, k_sigma: float = 2.0) -> dict[str, ElementLimits]:
         """Per element: a Q limit from the element's own training residuals, the F-distribution
-        T² limit of the PCA the element is projected with, and the empirical band.
+        T² limit of the PCA the element is projected with, and the training-set band (mean ± kσ
+        of the element's training Q; not the study's band, which is drawn from the tracked atom's
+        own Q(t) over the trajectory).
 
         The Q limit is Jackson-Mudholkar's when the element has its own PCA (``per_element``:
         its residuals are centred, JM's setting). Under a global PCA an element's residuals have a

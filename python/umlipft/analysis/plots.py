@@ -64,6 +64,25 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------------ time axes
+_TIME_UNITS = (("fs", 1e-3), ("ps", 1.0), ("ns", 1e3))
+
+
+def time_axis(times_ps: Sequence[float] | np.ndarray) -> tuple[np.ndarray, str, float]:
+    """Times in the unit that fits their span: ``(values, "time (fs|ps|ns)", ps per unit)``.
+
+    fs below 1 ps, ps below 1 ns, ns above: a 20-fs run reads 0-20 fs, not 0-2e-5 ns. Every
+    time axis of the figures goes through here, so that all panels of one report agree."""
+    t = np.asarray(times_ps, dtype=float)
+    finite = t[np.isfinite(t)]
+    span = float(np.max(np.abs(finite))) if finite.size else 0.0
+    unit, scale = _TIME_UNITS[0]
+    for name, ps in _TIME_UNITS:
+        if span >= ps:
+            unit, scale = name, ps
+    return t / scale, f"time ({unit})", scale
+
+
 def _elements(symbols: Sequence[str]) -> list[str]:
     from ase.data import atomic_numbers
 
@@ -140,42 +159,78 @@ def plot_coverage(panels: Mapping[str, "Coverage"]) -> tuple["Figure", dict]:
 
 
 # ------------------------------------------------------------------ control charts
-def plot_control_chart(times: np.ndarray, values: np.ndarray, labels: Sequence[str], ylabel: str,
-                       limits: Sequence[float] | None = None, bands: Sequence[tuple[float, float]] | None = None,
-                       events: Sequence["Event"] = (), xlabel: str = "frame", log: bool = False,
-                       title: str = "") -> tuple["Figure", dict]:
-    """Q(t) or T²(t) of tracked atoms with each atom's limit (dashed), band (shaded) and events."""
-    times = np.asarray(times, dtype=float)
-    values = np.asarray(values, dtype=float).reshape(times.size, -1)
-    fig = _figure(7.0, 3.8)
-    ax = fig.add_subplot()
-    data: dict[str, Any] = {"times": times, "series": {}, "events": []}
-    for k, label in enumerate(labels):
-        (line,) = ax.plot(times, values[:, k], lw=1.2, label=label)
-        entry: dict[str, Any] = {"values": values[:, k]}
-        if limits is not None and np.isfinite(limits[k]):
-            ax.axhline(limits[k], color=line.get_color(), ls="--", lw=0.8)
-            entry["limit"] = float(limits[k])
-        if bands is not None and np.all(np.isfinite(bands[k])):
-            ax.axhspan(bands[k][0], bands[k][1], color=line.get_color(), alpha=0.08, lw=0)
-            entry["band"] = [float(bands[k][0]), float(bands[k][1])]
-        data["series"][label] = entry
+def _event_x(event: "Event", xlabel: str | None, scale: float) -> float:
+    """Where an event goes on a time axis: its time (ps) in the axis unit (``xlabel`` None), its
+    frame on a frame axis, else its time as stored."""
+    if xlabel == "frame" or event.time is None:
+        return float(event.frame)
+    return event.time / scale if xlabel is None else float(event.time)
+
+
+def _mark_events(ax: Any, events: Sequence["Event"], xlabel: str | None, scale: float) -> list[dict[str, Any]]:
     at: dict[float, list[str]] = {}
     for event in events:
-        t = event.time if event.time is not None and xlabel != "frame" else float(event.frame)
-        at.setdefault(t, []).append(event.label)
-        data["events"].append({"time": t, "label": event.label})
+        at.setdefault(_event_x(event, xlabel, scale), []).append(event.label)
     for t, labels_at in at.items():  # one line and one joined label per time, not overprinted text
         ax.axvline(t, color="k", lw=0.8, alpha=0.6)
         ax.annotate("; ".join(labels_at), (t, 1.0), xycoords=("data", "axes fraction"), rotation=90,
                     fontsize=6, va="top", ha="right")
+    return [{"time": t, "label": label} for t, labels_at in at.items() for label in labels_at]
+
+
+def plot_control_chart(times: np.ndarray, values: np.ndarray, labels: Sequence[str], ylabel: str,
+                       limits: Sequence[float] | None = None, bands: Sequence[tuple[float, float]] | None = None,
+                       events: Sequence["Event"] = (), xlabel: str | None = "frame", log: bool = False,
+                       title: str = "", limit_labels: Sequence[str] | None = None,
+                       band_label: str = "mean ± kσ") -> tuple["Figure", dict]:
+    """Q(t) or T²(t) of tracked atoms: each series with its band (shaded, legend "<atom>:
+    ``band_label``") and limit lines (dashed, one per distinct value, named by ``limit_labels``).
+
+    ``xlabel=None``: ``times`` are in ps and drawn in the unit that fits them (:func:`time_axis`),
+    events at their times; ``"frame"``: frame numbers, events at their frames; any other label:
+    ``times`` drawn as given."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    times = np.asarray(times, dtype=float)
+    values = np.asarray(values, dtype=float).reshape(times.size, -1)
+    scale = 1.0
+    x, label_x = times, xlabel
+    if xlabel is None:
+        x, label_x, scale = time_axis(times)
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    data: dict[str, Any] = {"times": x, "time_axis": label_x, "series": {}, "limits": [], "events": []}
+    handles: list[Any] = []
+    drawn_limits: dict[tuple[str, float], str] = {}
+    for k, label in enumerate(labels):
+        (line,) = ax.plot(x, values[:, k], lw=1.2, label=label)
+        handles.append(line)
+        entry: dict[str, Any] = {"values": values[:, k]}
+        if bands is not None and np.all(np.isfinite(bands[k])):
+            ax.axhspan(bands[k][0], bands[k][1], color=line.get_color(), alpha=0.10, lw=0)
+            handles.append(Patch(color=line.get_color(), alpha=0.25, label=f"{label}: {band_label}"))
+            entry["band"] = [float(bands[k][0]), float(bands[k][1])]
+        if limits is not None and np.isfinite(limits[k]):
+            name = (limit_labels[k] if limit_labels and limit_labels[k] else "control limit")
+            entry["limit"] = float(limits[k])
+            entry["limit_label"] = name
+            key = (name, float(limits[k]))
+            if key not in drawn_limits:  # atoms of one element share their element's limit
+                ax.axhline(limits[k], color=line.get_color(), ls="--", lw=0.9)
+                handles.append(Line2D([], [], color=line.get_color(), ls="--", lw=0.9, label=name))
+                drawn_limits[key] = line.get_color()
+                data["limits"].append({"label": name, "value": float(limits[k])})
+        data["series"][label] = entry
+    data["events"] = _mark_events(ax, events, xlabel, scale)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
+    elif np.nanmin(values, initial=np.inf) >= 0 and ax.get_ylim()[0] < 0:
+        ax.set_ylim(bottom=0.0)  # a band reaching below zero says nothing about a non-negative Q
+    ax.set_xlabel(label_x)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, frameon=False, ncols=2)
-    ax.set_title(title or f"{ylabel} of tracked atoms (dashed: control limit, shaded: mean ± kσ)",
-                 fontsize=9)
+    fig.legend(handles=handles, fontsize=6.5, frameon=False, loc="outside right upper")
+    ax.set_title(title or f"{ylabel} of tracked atoms", fontsize=9)
     return fig, data
 
 
@@ -207,22 +262,37 @@ def plot_residuals(naive: Mapping[str, Sequence[float]], periodic: Mapping[str, 
 def plot_energy_trajectory(times: np.ndarray, energies: np.ndarray, dft_times: np.ndarray | None = None,
                            dft_energies: np.ndarray | None = None,
                            cross: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                           xlabel: str = "time (ns)", ylabel: str = "energy (eV)",
-                           label: str = "MD (model)") -> tuple["Figure", dict]:
-    """Potential energy along a trajectory, DFT single points, and other models on the same frames."""
+                           xlabel: str | None = None, ylabel: str = "energy (eV)",
+                           label: str = "MD (model)", reference: str = "DFT",
+                           events: Sequence["Event"] = (), title: str = "") -> tuple["Figure", dict]:
+    """Potential energy along a trajectory, reference single points, other models on the same
+    frames (cross-evaluation) and the times of events (vertical lines).
+
+    ``xlabel=None``: all times are in ps and drawn in the unit that fits (:func:`time_axis`)."""
+    scale, auto = 1.0, xlabel is None
+    if auto:
+        _, xlabel, scale = time_axis(np.asarray(times, dtype=float))
     fig = _figure(7.0, 3.8)
     ax = fig.add_subplot()
-    ax.plot(times, energies, lw=0.8, color="#999999", label=label)
-    data: dict[str, Any] = {"md": {"times": np.asarray(times), "energies": np.asarray(energies)}}
+    t_md = np.asarray(times, dtype=float) / scale
+    ax.plot(t_md, energies, lw=0.8, color="#999999", label=label)
+    data: dict[str, Any] = {"time_axis": xlabel,
+                            "md": {"times": t_md, "energies": np.asarray(energies)}}
     if dft_times is not None and dft_energies is not None:
-        ax.plot(dft_times, dft_energies, "o", color="k", ms=4, label="DFT")
-        data["dft"] = {"times": np.asarray(dft_times), "energies": np.asarray(dft_energies)}
+        t_ref = np.asarray(dft_times, dtype=float) / scale
+        ax.plot(t_ref, dft_energies, "o", color="k", ms=5, label=reference)
+        data["reference"] = {"label": reference, "times": t_ref, "energies": np.asarray(dft_energies)}
+    markers = iter("sD^v<>")
     for name, (t, e) in (cross or {}).items():
-        ax.plot(t, e, "s", ms=3, label=name)
-        data[name] = {"times": np.asarray(t), "energies": np.asarray(e)}
-    ax.set_xlabel(xlabel)
+        t_c = np.asarray(t, dtype=float) / scale
+        ax.plot(t_c, e, next(markers, "s"), ms=4, mfc="none", label=name)
+        data[name] = {"times": t_c, "energies": np.asarray(e)}
+    data["events"] = _mark_events(ax, events, None if auto else xlabel, scale)
+    ax.set_xlabel(str(xlabel))
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
     return fig, data
 
 
@@ -285,20 +355,24 @@ def plot_bond_histograms(datasets: Mapping[str, Mapping[str, "BondDistribution"]
     return fig, data
 
 
-def plot_coordination(times: np.ndarray, series: "CoordinationSeries", xlabel: str = "frame",
+def plot_coordination(times: np.ndarray, series: "CoordinationSeries", xlabel: str | None = "frame",
                       events: Sequence["Event"] = ()) -> tuple["Figure", dict]:
-    """Ligand counts of each centre atom over time (steps) with coordination events marked."""
+    """Ligand counts of each centre atom over time (steps) with coordination events marked.
+    ``xlabel=None``: ``times`` in ps, drawn in the unit that fits (:func:`time_axis`)."""
+    scale = 1.0
+    x, label_x = np.asarray(times, dtype=float), xlabel
+    if xlabel is None:
+        x, label_x, scale = time_axis(x)
     fig = _figure(7.0, 3.2)
     ax = fig.add_subplot()
-    data: dict[str, Any] = {"times": np.asarray(times), "series": {}}
+    data: dict[str, Any] = {"times": x, "time_axis": label_x, "series": {}}
     for k, label in enumerate(series.column_labels()):
-        ax.step(times, series.counts[:, k], where="post", label=label)
+        ax.step(x, series.counts[:, k], where="post", label=label)
         data["series"][label] = series.counts[:, k]
     for event in events:
         if event.kind == "coordination_change":
-            t = event.time if event.time is not None and xlabel != "frame" else float(event.frame)
-            ax.axvline(t, color="k", lw=0.6, ls=":")
-    ax.set_xlabel(xlabel)
+            ax.axvline(_event_x(event, xlabel, scale), color="k", lw=0.6, ls=":")
+    ax.set_xlabel(label_x)
     ax.set_ylabel("coordination number")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8, frameon=False)

@@ -74,7 +74,11 @@ def hotelling_t2_limit(n_components: int, n_samples: int, alpha: float) -> float
 
 
 def empirical_band(values: np.ndarray, k_sigma: float) -> tuple[float, float, float, float]:
-    """(mean, std, mean − kσ, mean + kσ) of finite values: the band the study drew around Q."""
+    """(mean, std, mean − kσ, mean + kσ) of the finite values (std with ddof=1).
+
+    Over one tracked atom's own Q(t) along a trajectory this is the study's band (see
+    :func:`umlipft.analysis.monitor.own_band`); over an element's training-set Q it is a
+    training-set band, which the study did not draw."""
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     if values.size == 0:

@@ -246,7 +246,8 @@ def _concatenate(state: WorkflowState, parts: list[tuple[str, float]], target: P
 def _long_runs(state: WorkflowState, config: WorkflowConfig, long: Mapping[str, Any], figures: Path,
                save_figure: Any) -> dict[str, Any]:
     from ..analysis import EventsConfig, QConfig, analyze_trajectory, detect_events
-    from ..analysis.plots import plot_control_chart, plot_energy_trajectory, plot_force_parity
+    from ..analysis.monitor import plot_tracked
+    from ..analysis.plots import plot_energy_trajectory, plot_force_parity
     from ..evaluate import cross_evaluate
     from ..evaluate.predict import ModelEvaluator
     from ..io import read_frames
@@ -299,27 +300,23 @@ def _long_runs(state: WorkflowState, config: WorkflowConfig, long: Mapping[str, 
         m: ModelInfo = e["model"]
         if m.stage:
             pca = _pca_for(state, config, m)
-            involved = sorted({i for ev_ in events.events for i in ev_.atoms})[:a.n_track]
             qdir = state.stage_dir(f"eval/long/{name}") / "q"
+            # The atoms of the events (H, O, Cl of an HCl; the Co whose shell changes), else the
+            # highest-Q atom of each element: see analysis.monitor.select_tracked_atoms.
             q = analyze_trajectory(pca, full, qdir, QConfig(alpha=a.alpha, k_sigma=a.k_sigma,
-                                                              frame_interval_ps=dump_ps, track=tuple(involved),
-                                                              n_track=a.n_track))
-            qv, _ = q.load(mmap=False)
+                                                              frame_interval_ps=dump_ps, n_track=a.n_track),
+                                   events=events.events)
             track = q.summary["tracked_atoms"]
-            sym = q.summary["symbols"]
-            lim = q.summary["limits"]
-            labels = [f"{sym[i]}{i}" for i in track]
-            limits = [lim.get(sym[i], {}).get("q_limit", float("nan")) for i in track]
-            bands = [(lim.get(sym[i], {}).get("q_band_low", np.nan), lim.get(sym[i], {}).get("q_band_high", np.nan))
-                     for i in track]
-            t_ps = np.arange(qv.shape[0]) * dump_ps
-            fig, data = plot_control_chart(t_ps, qv[:, track], labels, "Q", limits=limits, bands=bands,
-                                           events=events.events, xlabel="time (ps)")
+            why = ("involved in the events" if q.summary["tracked_because"] == "events"
+                   else "with the largest Q of each element (no events)")
+            fig, data = plot_tracked(q, "q", events.events, title=f"Q-residual along the run of {name}")
             save_figure(fig, data, figures / f"long-{name}-q.png",
-                        caption=f"Q-residual of atoms {'involved in events' if involved else 'with the largest Q'} "
-                                f"along the long run of {name}, against the PCA of its training data "
-                                f"(dashed: limit at alpha = {a.alpha}; shaded: mean ± {a.k_sigma}σ).")
-            entry["q"] = {"tracked_atoms": track, "per_element": q.summary["per_element"],
+                        caption=f"Q-residual of the atoms {why} along the test and long runs of {name}, against "
+                                f"the SOAP PCA of its training data. Shaded: each atom's own mean ± {a.k_sigma:g}σ "
+                                f"of Q(t) over the run (the study's band); dashed: the element's training-set "
+                                f"limit at alpha = {a.alpha:g}; vertical lines: events.")
+            entry["q"] = {"tracked_atoms": track, "tracked_because": q.summary["tracked_because"],
+                          "tracked": q.summary["tracked"], "per_element": q.summary["per_element"],
                           "max_q_over_limit": [q.summary["atoms"]["max_q_over_limit"][i] for i in track]}
         out["runs"][name] = entry
     return out
@@ -334,19 +331,17 @@ def _features(pca: Any, frames_by_source: Mapping[str, list]) -> tuple[np.ndarra
 
 def _coverage(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, StrategyResult],
               figures: Path, save_figure: Any) -> dict[str, Any]:
-    """Coverage maps: per iteration, the data of one strategy not covered by the other's
-    (naive vs periodic when both ran; otherwise each iteration's new frames vs the earlier ones)."""
+    """Coverage maps in the SOAP PCA of the final datasets: the final datasets by element; per
+    iteration within each strategy, the frames the iteration added against the earlier data
+    (``within_strategy``); and, when both ran, naive vs periodic data per iteration
+    (``per_iteration``; with one strategy ``per_iteration`` is the within-strategy comparison)."""
     from ..analysis import DescriptorPCA
     from ..analysis.coverage import coverage, coverage_by_element
-    from ..analysis.frames import drop_isolated_atoms
     from ..analysis.plots import plot_coverage, plot_pca_map
-    from ..io import read_frames
 
     a = config.analysis
-    datasets: dict[str, list[list]] = {}  # strategy -> training frames of each model, in order
-    for strategy, result in results.items():
-        datasets[strategy] = [drop_isolated_atoms([f for t in m.train for f in read_frames(absolute(state, t))])
-                              for m in result.models if m.stage]
+    iterations = {strategy: iteration_datasets(state, result) for strategy, result in results.items()}
+    datasets = {strategy: [frames for _, frames, _ in its] for strategy, its in iterations.items()}
     fit = {f"{s} final": sets[-1] for s, sets in datasets.items() if sets and sets[-1]}
     if not fit:
         return {}
@@ -367,6 +362,19 @@ def _coverage(state: WorkflowState, config: WorkflowConfig, results: Mapping[str
     save_figure(fig, data, figures / "pca-map.png",
                 caption="PC1/PC2 of every atom of the final models' training data, by element; PCA fitted on their union.")
     out: dict[str, Any] = {"explained_variance_ratio": pca.explained_variance_ratio, "fitted_on": list(fit)}
+    # Within each strategy: what each iteration's new frames reach that the earlier data did not.
+    within: dict[str, Any] = {}
+    for strategy, its in iterations.items():
+        for i in range(1, len(its)):
+            name, _, new = its[i]
+            if not new:
+                continue
+            sa, _, _ = _features(pca, {"new": new})
+            sb, _, _ = _features(pca, {"old": its[i - 1][1]})
+            within[f"{strategy} {name} (+{len(new)} frames)"] = coverage(
+                sa, sb, bins=a.coverage_bins, label_a="new frames", label_b="earlier data")
+    if within:
+        out["within_strategy"] = {k: v.to_dict() for k, v in within.items()}
     panels: dict[str, Any] = {}
     if "naive" in datasets and "periodic" in datasets:
         pairs = list(zip(datasets["naive"], datasets["periodic"]))
@@ -381,19 +389,39 @@ def _coverage(state: WorkflowState, config: WorkflowConfig, results: Mapping[str
         save_figure(fig, data, figures / "coverage-by-element.png",
                     caption="Final datasets per element: PC1/PC2 cells covered by naive only, periodic only, both.")
         out["by_element"] = {k: v.to_dict() for k, v in by_el.items()}
+        if within:
+            fig, data = plot_coverage(within)
+            save_figure(fig, data, figures / "coverage-within-strategy.png",
+                        caption="Per iteration within each strategy: PC1/PC2 cells reached by the frames the "
+                                "iteration added (orange) and not by the earlier data (blue: earlier data only). "
+                                "New frames are identified by content (positions, cell, elements), not by "
+                                "their place in the file.")
     else:
-        for strategy, sets in datasets.items():
-            for i in range(1, len(sets)):
-                new = sets[i][len(sets[i - 1]):] if len(sets[i]) > len(sets[i - 1]) else sets[i]
-                sa, _, _ = _features(pca, {"new": new})
-                sb, _, _ = _features(pca, {"old": sets[i - 1]})
-                panels[f"{strategy} iteration {i + 1}"] = coverage(
-                    sa, sb, bins=a.coverage_bins, label_a=f"iteration {i + 1} frames", label_b="earlier data")
+        panels = within
     if panels:
         fig, data = plot_coverage(panels)
         save_figure(fig, data, figures / "coverage-per-iteration.png",
-                    caption="Coverage per iteration in PC1/PC2 (grid cells; see umlipft.analysis.coverage for the definition).")
+                    caption=("Naive vs periodic data per iteration" if panels is not within else
+                             "Per iteration: the frames each iteration added against the earlier data")
+                            + " in PC1/PC2 (grid cells; see umlipft.analysis.coverage for the definition).")
         out["per_iteration"] = {k: v.to_dict() for k, v in panels.items()}
+    return out
+
+
+def iteration_datasets(state: WorkflowState, result: StrategyResult) -> list[tuple[str, list, list]]:
+    """Per fine-tuned model of a strategy, in order: (model name, its training frames, the frames
+    that are new against the previous model's). New frames are found by content
+    (:func:`umlipft.analysis.frames.new_frames`): naive subsets are written in pool order, so the
+    frames a subset adds are spread through its file, not at its end."""
+    from ..analysis.frames import drop_isolated_atoms, new_frames
+    from ..io import read_frames
+
+    out: list[tuple[str, list, list]] = []
+    for m in result.models:
+        if not m.stage:
+            continue
+        frames = drop_isolated_atoms([f for t in m.train for f in read_frames(absolute(state, t))])
+        out.append((m.name, frames, new_frames(frames, out[-1][1]) if out else list(frames)))
     return out
 
 
