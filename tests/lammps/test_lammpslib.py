@@ -147,3 +147,17 @@ def test_lammps_module_and_mpi4py_share_one_mpi_under_mpiexec(tmp_path, order):
     libmpi = str(Path(mpich_libmpi()).resolve())
     assert [r[:3] for r in ranks] == [["0", "2", "True"], ["1", "2", "True"]]
     assert all([str(Path(p).resolve()) for p in r[3:]] == [libmpi] for r in ranks)
+
+
+def test_installed_hook_is_this_checkouts():
+    """The .pth runs an installed copy of mpi_preload.py: a stale copy means a missed reinstall."""
+    import importlib.util
+
+    import umlipft.lammps.mpi_preload as source
+
+    spec = importlib.util.find_spec("_umlipft_lammps_mpi")
+    assert spec is not None and spec.origin, "the .pth hook is not installed: pip install --no-build-isolation -e ."
+    assert Path(spec.origin).read_text() == Path(source.__file__).read_text(), (
+        f"{spec.origin} differs from {source.__file__}: reinstall with pip install --no-build-isolation -e ."
+    )
+    assert any(getattr(finder, "_umlipft_lammps_mpi_hook", False) for finder in sys.meta_path)

