@@ -50,7 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UmlipftError as err:
-        print(f"umlipft {args.command}: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # MPI ranks other than 0 repeat rank 0's error
+            print(f"umlipft {args.command}: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+    except OSError as err:
+        # A file operation no driver anticipated (unwritable, full disk, vanished): a message
+        # naming the path, not a traceback. Programming errors are not OSErrors and still trace.
+        from .io import os_error_reason
+
+        where = f"cannot use {err.filename}: " if err.filename else ""
+        print(f"umlipft {args.command}: error: {where}{os_error_reason(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"umlipft {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -8,6 +8,22 @@ from ..config import DriverConfig
 from ..errors import ConfigError
 
 
+VELOCITIES = ("auto", "create", "keep")
+DEVICES = ("cpu", "cuda")
+# Below 0.05 fs nothing moves in a useful run time; above 5 fs even heavy atoms are lost.
+TIMESTEP_RANGE_FS = (0.05, 5.0)
+# Above this, bonds to hydrogen (period ~9 fs) are integrated too coarsely: legal but unusual.
+MAX_TIMESTEP_WITH_H_FS = 2.0
+
+
+def timestep_warning(timestep_fs: float, elements) -> str | None:
+    """A warning for a legal but unusual timestep, or None."""
+    if "H" in set(elements) and timestep_fs > MAX_TIMESTEP_WITH_H_FS:
+        return (f"timestep_fs = {timestep_fs} fs with H atoms: O-H/C-H vibrations (about 9 fs) need "
+                f"<= {MAX_TIMESTEP_WITH_H_FS} fs; the study used 0.5 fs")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class MDConfig(DriverConfig):
     """One MD run (or K independent replicas) of LAMMPS with pair_style mace.
@@ -38,6 +54,13 @@ class MDConfig(DriverConfig):
     pdamp_fs: float = 500.0
     seed: int = 12345
     replicas: int = 1
+    # Velocities at the start: "auto" keeps those of a continued run (continue_from) and draws
+    # new ones at temperature_K otherwise; "create" always draws (the study's segments restart
+    # from the previous positions and box at 300 K); "keep" requires stored velocities.
+    velocities: str = "auto"
+    # Where pair_style mace evaluates the model (``pair_style mace device cuda``: one GPU per MPI
+    # rank). Not part of the run's identity: a run resumed on the other device continues it.
+    device: str = "cpu"
 
     def validate(self) -> None:
         if self.ensemble not in ("nvt", "npt"):
@@ -54,11 +77,19 @@ class MDConfig(DriverConfig):
                 f"restart_every ({self.restart_every}) must be a multiple of dump_every "
                 f"({self.dump_every}) so that a resumed trajectory has no gap or duplicate"
             )
-        for key in ("temperature_K", "timestep_fs", "tdamp_fs", "pdamp_fs"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        if self.timestep_fs > 5.0:
-            raise ConfigError(f"timestep_fs = {self.timestep_fs} fs is far too long for MD with hydrogen; use 0.5-1 fs")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.velocities not in VELOCITIES:
+            raise ConfigError(f"velocities must be one of {', '.join(VELOCITIES)}, got {self.velocities!r}")
+        if not self.temperature_K > 0:
+            raise ConfigError(f"temperature_K must be > 0 K (the thermostat's target), got {self.temperature_K}")
+        for key in ("tdamp_fs", "pdamp_fs"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0 fs, got {getattr(self, key)}")
+        lo, hi = TIMESTEP_RANGE_FS
+        if not lo <= self.timestep_fs <= hi:
+            raise ConfigError(f"timestep_fs must be within {lo}-{hi} fs (0.5-1 fs with hydrogen), "
+                              f"got {self.timestep_fs}")
         if not self.structure and not self.continue_from:
             raise ConfigError("give a start structure (structure) or a previous run (continue_from)")
         if self.structure and self.continue_from:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ExternalProgramError, InputError, StateError
 from ..io import atomic_path, atomic_write_text, read_frames, write_frames
+from ..lock import locks_output, mpi_world
 from ..summary import RunSummary
 from .config import MDConfig
 
@@ -126,11 +127,19 @@ def prepare(config: MDConfig) -> PreparedRun:
     check_config_unchanged(run_dir, config)
     if config.continue_from:
         starts = previous_final_frames(Path(config.continue_from), config.replicas)
-        keep = [atoms.has("momenta") for atoms in starts]
     else:
         structures = [read_start_structure(p) for p in config.structure]
         starts = structures * config.replicas if len(structures) == 1 else structures
+    stored = [atoms.has("momenta") for atoms in starts]
+    if config.velocities == "keep" and not all(stored):
+        raise InputError(f"velocities: keep, but the start ({config.continue_from or config.structure[0]}) "
+                         "stores no velocities; use velocities: create (or auto)")
+    if config.velocities == "create":
         keep = [False] * len(starts)
+    elif config.velocities == "keep":
+        keep = [True] * len(starts)
+    else:
+        keep = stored if config.continue_from else [False] * len(starts)
     elements = tuple(config.elements) or default_elements(starts)
     model = resolve_model(config.model, config.dtype, run_dir, elements)
     covered = {chemical_symbols[z] for z in read_export_metadata(model)["atomic_numbers"]}
@@ -147,7 +156,9 @@ def prepare(config: MDConfig) -> PreparedRun:
 
 
 def config_fingerprint(config: MDConfig) -> str:
-    values = config.to_dict()
+    # The device changes where the forces are computed, not the run: a run interrupted on a
+    # CPU node resumes on a GPU node and the other way round.
+    values = {k: v for k, v in config.to_dict().items() if k != "device"}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
@@ -156,7 +167,8 @@ def check_config_unchanged(run_dir: Path, config: MDConfig) -> None:
     if record.is_file():
         saved = json.loads(record.read_text())
         if saved.get("fingerprint") != config_fingerprint(config):
-            changed = sorted(k for k, v in config.to_dict().items() if saved.get("config", {}).get(k) != v)
+            changed = sorted(k for k, v in config.to_dict().items()
+                             if k != "device" and saved.get("config", {}).get(k) != v)
             raise StateError(
                 f"{run_dir} holds an MD run made with other settings ({', '.join(changed)}); "
                 "rerun with the original settings to resume it, or choose a new output directory"
@@ -193,6 +205,7 @@ def lammps_variables(config: MDConfig, prepared: PreparedRun, index: int, direct
         "restart_every": str(config.restart_every),
         "resume": "yes" if restart_from else "no",
         "restart_from": str(restart_from.resolve()) if restart_from else "none",
+        "device": config.device,
     }
     if config.ensemble == "npt":
         variables["pressure_bar"] = repr(config.pressure_bar)
@@ -423,12 +436,16 @@ def _z(symbol: str) -> int:
 # entry points
 
 
+@locks_output("md", lambda config, *_, **__: config.output)
 def run_md(config: MDConfig, progress: bool = True) -> list[ReplicaResult]:
     """Run every replica here, one after another (no MPI)."""
     prepared = prepare(config)
     return [run_replica(config, prepared, k, progress=progress) for k in range(config.replicas)]
 
 
+# The K ranks share one run directory: rank 0 holds it for all of them.
+@locks_output("md", lambda config, *_, **__: config.output,
+              comm=lambda config, world=None: world or mpi_world())
 def run_md_mpi(config: MDConfig, world: Any = None) -> list[ReplicaResult]:
     """Under ``mpiexec -n K``: split the ranks into ``replicas`` groups, each running one
     replica through the LAMMPS Python module on its own communicator."""

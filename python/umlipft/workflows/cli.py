@@ -34,10 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--from", dest="from_stage", metavar="STAGE",
                         help="redo STAGE (e.g. periodic/seg-01/label, report) and every stage after it")
     parser.add_argument("--until", metavar="STAGE", help="stop after STAGE (stage-by-stage batch jobs)")
+    parser.add_argument("--only", nargs="+", metavar="GROUP", help="with --until, for batch jobs of parallel "
+                        "branches: run no unfinished stage outside these groups (other jobs run them)")
     parser.add_argument("--no-judge", action="store_true", help="run the strategies only; no evaluation or report")
     parser.add_argument("--slurm", action="store_true",
                         help="write Slurm batch scripts for every stage into DIR/slurm and exit")
     parser.add_argument("--stages", action="store_true", help="list the stages and their status, then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="check the whole plan (every stage's settings, the foundation, the labeller and its "
+                        "files, the E0 policy) and print it, then exit: 0 if it can run, 2 with one message per "
+                        "problem otherwise. Every run makes the same check before its first stage")
     parser.set_defaults(func=_run)
 
 
@@ -46,12 +52,25 @@ def _run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from ..errors import ConfigError, PlanError
     from .config import load_workflow_config
 
     profile = args.profile or ("quick" if args.strategy == "quick" else None)
-    config = load_workflow_config(args.config, profile=profile)
+    try:
+        config = load_workflow_config(args.config, profile=profile)
+    except PlanError:
+        raise
+    except ConfigError as err:  # a malformed file or key is a problem of the plan too: exit 2
+        raise PlanError([str(err)]) from err
     strategies = tuple(args.strategies) if args.strategies and args.strategy == "compare" else COMMANDS[args.strategy]
     output = Path(args.output or f"workflow-{args.strategy}")
+    if args.check:
+        from .plan import check_plan
+
+        plan = check_plan(strategies, config)
+        print(plan.text())
+        plan.raise_if_problems()
+        return 0
     if args.stages:
         state_file = output / "state.json"
         if not state_file.is_file():
@@ -63,7 +82,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{entry['status']:8s} {entry.get('wall_s', 0) or 0:9.1f} s  {name}")
         return 0
     if args.slurm:
+        from .plan import check_plan
         from .slurm import write_slurm_scripts
+
+        check_plan(strategies, config).raise_if_problems()
 
         submit = write_slurm_scripts(args.strategy, strategies, config, output, config_path=args.config,
                                      judge=not args.no_judge)
@@ -72,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import run_workflow
 
     outcome = run_workflow(strategies, config, output, from_stage=args.from_stage, until=args.until,
-                           judge=not args.no_judge)
+                           judge=not args.no_judge, only=args.only)
     if outcome.finished and outcome.report_html:
         print(f"report: {outcome.report_html}")
         print(f"numbers: {outcome.report_json}")

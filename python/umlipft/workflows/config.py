@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import DriverConfig, read_yaml_mapping
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from ..label.config import Cp2kConfig, EspressoConfig, VaspConfig, XtbConfig
 
 STRATEGIES = ("periodic", "naive", "control", "adaptive")
 PROFILES = ("quick", "study")
 START_FROM = ("universal", "previous")
+SELECTIONS = ("stride", "random", "fps")
+SEGMENT_VELOCITIES = ("keep", "create")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,18 +64,36 @@ class MDSettings(DriverConfig):
     # Independent trajectories of one stage (the naive ensemble) run this many at a time, each
     # its own single-threaded LAMMPS process (without MPI; under MPI see the Slurm scripts).
     parallel_replicas: int = 1
+    # A segment that continues the trajectory keeps the previous segment's velocities ("keep"),
+    # or starts from its final positions and box with new velocities drawn at temperature_K
+    # ("create", what the study's authors did: every segment's first thermo line is 300 K).
+    segment_velocities: str = "keep"
+    # Where LAMMPS evaluates the model (pair_style mace device cpu|cuda); not part of any stage's
+    # inputs: a run moved between a CPU and a GPU node is the same run.
+    device: str = "cpu"
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        out = []
         if self.parallel_replicas < 1:
-            raise ConfigError("md.parallel_replicas must be at least 1")
+            out.append(f"md.parallel_replicas must be at least 1, got {self.parallel_replicas}")
+        if self.segment_velocities not in SEGMENT_VELOCITIES:
+            out.append(f"md.segment_velocities must be keep or create, got {self.segment_velocities!r}")
+        if self.device not in ("cpu", "cuda"):
+            out.append(f"md.device must be cpu or cuda, got {self.device!r}")
+        if self.dump_every < 1 or self.thermo_every < 1:
+            out.append(f"md.dump_every and md.thermo_every must be at least 1, got {self.dump_every} "
+                       f"and {self.thermo_every}")
+            return out
         if self.segment_steps < 2 * self.dump_every:
-            raise ConfigError(f"md.segment_steps ({self.segment_steps}) must hold at least two dumps "
-                              f"(md.dump_every = {self.dump_every})")
-        if self.segment_steps % self.dump_every:
-            raise ConfigError("md.segment_steps must be a multiple of md.dump_every")
-        if self.thermo_every < 1 or self.dump_every % self.thermo_every:
-            raise ConfigError("md.dump_every must be a multiple of md.thermo_every (the self-consistent "
-                              "residual needs the potential energy at every dumped frame)")
+            out.append(f"md.segment_steps ({self.segment_steps}) must hold at least two dumps "
+                       f"(md.dump_every = {self.dump_every})")
+        elif self.segment_steps % self.dump_every:
+            out.append(f"md.segment_steps ({self.segment_steps}) must be a multiple of md.dump_every "
+                       f"({self.dump_every})")
+        if self.dump_every % self.thermo_every:
+            out.append("md.dump_every must be a multiple of md.thermo_every (the self-consistent "
+                       "residual needs the potential energy at every dumped frame)")
+        return out
 
     def segment_ps(self) -> float:
         return self.segment_steps * self.timestep_fs / 1000.0
@@ -91,6 +111,11 @@ class LabelSettings(DriverConfig):
     xtb: XtbConfig = dataclasses.field(default_factory=XtbConfig)
     vasp: VaspConfig = dataclasses.field(default_factory=VaspConfig)
     espresso: EspressoConfig = dataclasses.field(default_factory=EspressoConfig)
+    # Edge of the cubic box of the isolated-atom calculations (E0s; see finetune.e0s).
+    isolated_atom_box_A: float = 12.0
+
+    def code_config(self):
+        return getattr(self, self.calculator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +137,10 @@ class FinetuneSettings(DriverConfig):
     epochs: int = 100
     batch_size: int = 4
     lr: float | None = None
-    e0s: str = "foundation"
+    # "auto": the labeller's default (umlipft.finetune.e0.default_e0_policy), stated in the plan
+    # and in each fine-tune's summary; the workflow computes the labeller's isolated-atom
+    # energies once when the policy needs them.
+    e0s: str = "auto"
     forces_weight: float = 10.0
     energy_weight: float = 1.0
     stress_weight: float = 1.0
@@ -124,11 +152,10 @@ class FinetuneSettings(DriverConfig):
     seed: int = 123
     resume_from_checkpoint: bool = False
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
         if self.start_from not in START_FROM:
-            raise ConfigError(f"finetune.start_from must be one of {', '.join(START_FROM)}, got {self.start_from!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("finetune.epochs and finetune.batch_size must be at least 1")
+            return [f"finetune.start_from must be one of {', '.join(START_FROM)}, got {self.start_from!r}"]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +182,21 @@ class EvaluationSettings(DriverConfig):
     # after removing its mean residual on the strategies' training frames (what the fine-tunes'
     # E0 estimate does), reported as ``universal_offset_meV_per_atom``; "yes"/"no" force it.
     align_universal_energy: str = "auto"
+    # An extxyz of labelled frames (REF_energy, REF_forces) no strategy sampled, like the study's
+    # 22 DFT structures: every model's errors on it, binned by reference energy, in the report.
+    independent: str | None = None
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        out = []
+        if self.independent is not None and not Path(self.independent).is_file():
+            out.append(f"evaluation.independent: {self.independent} is not a file; give an extxyz of labelled frames")
         if self.align_universal_energy not in ("auto", "yes", "no"):
-            raise ConfigError("evaluation.align_universal_energy must be auto, yes or no")
+            out.append(f"evaluation.align_universal_energy must be auto, yes or no, got {self.align_universal_energy!r}")
+        if self.test_frames < 1:
+            out.append(f"evaluation.test_frames must be at least 1, got {self.test_frames}")
+        if self.long_label_every < 1 or self.long_steps < 1:
+            out.append("evaluation.long_steps and long_label_every must be at least 1")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,26 +225,57 @@ class AdaptiveSettings(DriverConfig):
     max_fraction_outside: float = 0.05
     statistic: str = "q"
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        out = []
         if self.statistic not in ("q", "t2"):
-            raise ConfigError(f"adaptive.statistic must be q or t2, got {self.statistic!r}")
+            out.append(f"adaptive.statistic must be q or t2, got {self.statistic!r}")
         if not 0.0 <= self.max_fraction_outside < 1.0:
-            raise ConfigError("adaptive.max_fraction_outside must be in [0, 1)")
+            out.append(f"adaptive.max_fraction_outside must be in [0, 1), got {self.max_fraction_outside}")
+        if self.chunk_steps < 1:
+            out.append(f"adaptive.chunk_steps must be at least 1, got {self.chunk_steps}")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
 class SlurmSettings(DriverConfig):
-    """Header of the emitted batch scripts (``--slurm``); ``extra`` lines go verbatim after it."""
+    """Header of the emitted batch scripts (``--slurm``); ``extra`` lines go verbatim after it.
+
+    Time limits (Slurm's ``[D-]HH:MM:SS``, ``MM`` or ``D-HH``): each job's is estimated from its
+    work (steps, atoms, frames, epochs; see workflows/slurm.py) unless ``time_by_kind`` gives one
+    for its kind (start, md, label, pool, finetune, judge) or ``time`` one for every job. With
+    ``gpus`` > 0 the MD jobs (and the fine-tunes when ``finetune.device`` is cuda) ask for GPUs
+    and run on them; ``cpus_per_task`` is every job's thread count (OMP_NUM_THREADS).
+    """
 
     partition: str | None = None
     account: str | None = None
-    time: str = "24:00:00"
+    time: str | None = None
+    time_by_kind: dict[str, str] = dataclasses.field(default_factory=dict)
     cpus_per_task: int = 8
     gpus: int = 1
     mpi_ranks_md: int | None = None  # default: one rank per naive trajectory
     mpiexec: str = "srun"
     modules: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        from .slurm import JOB_KINDS, slurm_seconds
+
+        if self.cpus_per_task < 1 or self.gpus < 0:
+            raise ConfigError(f"slurm.cpus_per_task must be at least 1 and slurm.gpus at least 0, got "
+                              f"{self.cpus_per_task} and {self.gpus}")
+        if self.mpi_ranks_md is not None and self.mpi_ranks_md < 1:
+            raise ConfigError(f"slurm.mpi_ranks_md must be at least 1, got {self.mpi_ranks_md}")
+        if not isinstance(self.time_by_kind, Mapping):
+            raise ConfigError("slurm.time_by_kind must map job kinds to times, e.g. {md: \"30:00:00\"}")
+        unknown = sorted(set(self.time_by_kind) - set(JOB_KINDS))
+        if unknown:
+            raise ConfigError(f"slurm.time_by_kind: unknown job kind(s) {', '.join(map(str, unknown))}; "
+                              f"the kinds are {', '.join(JOB_KINDS)}")
+        for key, value in [("slurm.time", self.time)] + [(f"slurm.time_by_kind.{k}", v)
+                                                          for k, v in self.time_by_kind.items()]:
+            if value is not None:
+                slurm_seconds(str(value), key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,29 +304,51 @@ class WorkflowConfig(DriverConfig):
     slurm: SlurmSettings = dataclasses.field(default_factory=SlurmSettings)
 
     def validate(self) -> None:
+        """Every problem of the plan at once (values of every section, their relations, and each
+        stage's own configuration built as the stage will build it), as one :class:`PlanError`."""
+        problems = self.problems()
+        if problems:
+            raise PlanError(problems)
+
+    def problems(self) -> list[str]:
+        from .plan import stage_config_problems
+
+        out: list[str] = []
         if self.profile not in PROFILES:
-            raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
-        if self.iterations < 1 or self.frames_per_segment < 1 or self.parallel_stages < 1:
-            raise ConfigError("iterations, frames_per_segment and parallel_stages must be at least 1")
-        if self.selection not in ("random", "fps"):
-            raise ConfigError(f"selection must be random or fps, got {self.selection!r}")
-        half = self.md.segment_steps // 2 // self.md.dump_every + 1
+            out.append(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        for key in ("iterations", "frames_per_segment", "parallel_stages"):
+            if getattr(self, key) < 1:
+                out.append(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.selection not in SELECTIONS:
+            out.append(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        for section in (self.md, self.finetune, self.evaluation, self.adaptive):
+            out += section.problems()
+        if out:  # the relations below assume sane values
+            return out
+        md = self.md
+        half = md.segment_steps // 2 // md.dump_every + 1
         if self.frames_per_segment > half:
-            raise ConfigError(f"frames_per_segment = {self.frames_per_segment} but the second half of a segment "
-                              f"holds only {half} dumped frames; dump more often or label fewer frames")
+            out.append(f"frames_per_segment = {self.frames_per_segment} but the second half of a segment "
+                       f"holds only {half} dumped frames (md.segment_steps / 2 / md.dump_every + 1); dump "
+                       "more often or label fewer frames")
         pool = self.iterations * self.frames_per_segment
         for n in self.subsets():
             if not 1 <= n <= pool:
-                raise ConfigError(f"naive_subsets: {n} is outside 1..{pool} (iterations x frames_per_segment)")
+                out.append(f"naive_subsets: {n} is outside 1..{pool} (iterations x frames_per_segment)")
         if list(self.subsets()) != sorted(set(self.subsets())):
-            raise ConfigError("naive_subsets must increase")
+            out.append(f"naive_subsets must increase, got {list(self.subsets())}")
         ev = self.evaluation
-        if ev.test_steps < 2 * self.md.dump_every or ev.test_steps % self.md.dump_every:
-            raise ConfigError("evaluation.test_steps must be a multiple of md.dump_every and hold two dumps")
-        if ev.long_label_every % self.md.dump_every or ev.long_steps % self.md.dump_every:
-            raise ConfigError("evaluation.long_steps and long_label_every must be multiples of md.dump_every")
-        if self.adaptive.chunk_steps % self.md.dump_every or self.md.segment_steps % self.adaptive.chunk_steps:
-            raise ConfigError("adaptive.chunk_steps must divide md.segment_steps and be a multiple of md.dump_every")
+        if ev.test_steps < 2 * md.dump_every or ev.test_steps % md.dump_every:
+            out.append(f"evaluation.test_steps ({ev.test_steps}) must be a multiple of md.dump_every "
+                       f"({md.dump_every}) and hold two dumps")
+        elif ev.test_frames > ev.test_steps // 2 // md.dump_every + 1:
+            out.append(f"evaluation.test_frames = {ev.test_frames} but the second half of a test run holds only "
+                       f"{ev.test_steps // 2 // md.dump_every + 1} dumped frames")
+        if ev.long_label_every % md.dump_every or ev.long_steps % md.dump_every:
+            out.append("evaluation.long_steps and long_label_every must be multiples of md.dump_every")
+        if self.adaptive.chunk_steps % md.dump_every or md.segment_steps % self.adaptive.chunk_steps:
+            out.append("adaptive.chunk_steps must divide md.segment_steps and be a multiple of md.dump_every")
+        return out + stage_config_problems(self)
 
     def subsets(self) -> tuple[int, ...]:
         if self.naive_subsets:
@@ -268,16 +359,22 @@ class WorkflowConfig(DriverConfig):
 # ---------------------------------------------------------------------------------------------
 # profiles
 
-# The study's protocol (../docs/study.md): 1 ns segments at 0.5 fs, dumps every 1000 steps,
-# ~10 frames a segment from the second half, 9 ns long runs (1 ns test + 8 ns more), DFT every 0.1 ns.
+# The study's protocol (../docs/study.md; examples/WORKFLOWS.md tables each key against what the
+# authors did): 1 ns segments at 0.5 fs restarted with new 300 K velocities, dumps every 1000
+# steps, 11 frames on a 0.05 ns stride over each second half, 9 ns long runs (1 ns test + 8 ns
+# more), DFT every 0.1 ns.
 STUDY_PROFILE: dict[str, Any] = {
     "profile": "study",
+    # the authors' U: MACE-MP-0b small (their mace_agnesi_small.model)
+    "foundation": "small-0b",
     "iterations": 5,
-    "frames_per_segment": 10,
+    # 0.5-1.0 ns of each 1-ns run every 0.05 ns: 11 frames on a fixed stride
+    "frames_per_segment": 11,
+    "selection": "stride",
     "naive_subsets": [10, 21, 31, 40, 50],
     "system": {"system": "des"},
     "md": {"segment_steps": 2_000_000, "dump_every": 1000, "thermo_every": 1000, "restart_every": 100_000,
-           "dtype": "float64"},
+           "dtype": "float64", "segment_velocities": "create"},
     "label": {"calculator": "cp2k"},
     "finetune": {"epochs": 100, "resume_from_checkpoint": True},
     "evaluation": {"test_steps": 2_000_000, "test_frames": 11, "long_steps": 16_000_000,

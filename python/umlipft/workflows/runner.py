@@ -11,12 +11,15 @@ from typing import Any, Callable, Sequence
 
 from ..errors import ConfigError, StateError
 from ..io import atomic_write_text
+from ..lock import locks_workflow
 from ..summary import RunSummary
 from .config import STRATEGIES, WorkflowConfig
-from .state import WorkflowState, _Stop
+from .plan import check_plan
+from .state import Deferred, WorkflowState, _Stop
 from .strategies import STRATEGY_RUNNERS, StrategyResult
 
 CONFIG_FILE = "workflow.yaml"
+PLAN_FILE = "plan.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,22 +36,33 @@ def _log(message: str) -> None:
     print(f"[umlipft workflow {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+@locks_workflow  # one run per directory; parallel branch jobs (only) each hold their groups
 def run_workflow(strategies: Sequence[str], config: WorkflowConfig, directory: str | Path, *,
                  from_stage: str | None = None, until: str | None = None, judge: bool = True,
-                 log: Callable[[str], None] | None = _log) -> WorkflowOutcome:
-    """Run ``strategies`` (in order) in ``directory`` and judge their models; resumable."""
+                 log: Callable[[str], None] | None = _log, only: Sequence[str] | None = None) -> WorkflowOutcome:
+    """Run ``strategies`` (in order) in ``directory`` and judge their models; resumable.
+    ``only``: run no unfinished stage outside these groups (a batch job of one branch)."""
     from .judge import judge as judge_models
 
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
         raise ConfigError(f"unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(STRATEGIES)}")
     directory = Path(directory).resolve()
-    state = WorkflowState(directory, from_stage=from_stage, until=until, log=log)
+    # The whole plan is checked before the first stage: a plan --check refuses creates nothing.
+    plan = check_plan(strategies, config)
+    plan.raise_if_problems()
+    state = WorkflowState(directory, from_stage=from_stage, until=until, log=log, only=only)
     _record_config(state, config, strategies)
+    atomic_write_text(directory / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
+    if log:
+        log(f"E0 policy: {plan.e0_policy} ({plan.e0_reason}); {plan.finetune_mode}")
+        for warning in plan.warnings:
+            log(f"warning: {warning}")
     summary = RunSummary("workflow", config, seed=config.seed)
     results: dict[str, StrategyResult] = {}
     finished = False
     report: dict[str, Any] = {}
+    blocked: str | None = None
     try:
         with summary.timed("strategies"):
             if config.parallel_stages > 1 and len(strategies) > 1:
@@ -64,9 +78,15 @@ def run_workflow(strategies: Sequence[str], config: WorkflowConfig, directory: s
             with summary.timed("judge"):
                 report = judge_models(state, config, results)
         finished = True
-    except _Stop:
+    except _Stop as stop:
+        blocked = stop.stage if isinstance(stop, Deferred) else None
         if log:
-            log(f"stopped after stage {until} (--until)")
+            log(f"stopped after stage {until} (--until)" if state.reached_until or not blocked
+                else f"stopped at stage {blocked}: another job runs it (--only)")
+    if only and until and not state.reached_until:
+        raise StateError(f"--until {until} was not reached: stage {blocked or '(none)'} is not finished and "
+                         f"belongs to another job (--only {' '.join(only)}); run the jobs it depends on first "
+                         "(DIR/slurm/submit.sh submits them in order)")
     wall = time.perf_counter() - summary._t0
     summary.results = {"strategies": list(strategies), "finished": finished, "directory": str(directory),
                        "stages": {k: v.get("wall_s") for k, v in state.data["stages"].items()}, **report}

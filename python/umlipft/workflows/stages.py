@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ExternalProgramError, InputError
+from ..label.config import CALCULATORS
 from .config import WorkflowConfig
 from ..io import sha256_file
 from .state import WorkflowState
@@ -51,23 +52,33 @@ def start_stage(state: WorkflowState, config: WorkflowConfig, count: int) -> dic
             inputs["build"] = {key: v for key, v in sys_cfg.to_dict().items() if key != "structures"}
 
         def run(folder: Path, k: int = k, given: str | None = given) -> dict[str, Any]:
-            from ..build import BuildConfig, build_system
+            from ..build import build_system
             from ..io import write_frames
             from ..md.run import read_start_structure
 
             if given is not None:
                 atoms = read_start_structure(given)
             else:
-                atoms = build_system(BuildConfig(
-                    system=sys_cfg.system, n_water=sys_cfg.n_water, n_licl=sys_cfg.n_licl, n_cocl2=sys_cfg.n_cocl2,
-                    n_choline_chloride=sys_cfg.n_choline_chloride, n_citric_acid=sys_cfg.n_citric_acid,
-                    density_g_cm3=sys_cfg.density_g_cm3, seed=sys_cfg.seed + k))
+                atoms = build_system(build_config(config, k))
             target = write_frames(folder / "start.extxyz", [atoms])
             return {"structure": rel(state, target), "sha256": sha256_file(target)}
 
         paths.append(state.run(name, inputs, run)["structure"])
         stages.append(name)
     return {"structures": paths, "stages": stages}
+
+
+def build_values(config: WorkflowConfig, k: int) -> dict[str, Any]:
+    """``umlipft build`` settings of start structure ``k`` (Packmol seed ``system.seed + k``)."""
+    values = {key: v for key, v in config.system.to_dict().items() if key != "structures" and v is not None}
+    values["seed"] = config.system.seed + k
+    return values
+
+
+def build_config(config: WorkflowConfig, k: int):
+    from ..build import BuildConfig
+
+    return BuildConfig.from_dict(build_values(config, k), source="workflow system")
 
 
 def elements_of(path: Path) -> tuple[str, ...]:
@@ -87,7 +98,8 @@ def md_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model: 
     inputs = {"model": model, "model_sha256": model_hash(state, model), "steps": steps, "seed": seed,
               "structures": list(structures), "continue_from": continue_from, "elements": list(elements),
               "md": {k: v for k, v in md.to_dict().items()
-                     if k not in ("segment_steps", "seed", "dtype", "optimized_export", "parallel_replicas")},
+                     if k not in ("segment_steps", "seed", "dtype", "optimized_export", "parallel_replicas",
+                                  "device")},
               "dtype": dtype}
 
     def run(folder: Path) -> dict[str, Any]:
@@ -116,25 +128,37 @@ def md_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model: 
     return state.run(name, inputs, run, deps=deps)
 
 
+def md_values(config: WorkflowConfig, output: str, *, model: str, steps: int, seed: int,
+              structures: Sequence[str] = (), continue_from: str | None = None,
+              elements: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
+    """The ``umlipft md`` settings of one workflow MD run (paths as given)."""
+    md = config.md
+    return {
+        "output": output, "structure": list(structures), "continue_from": continue_from, "model": model,
+        "dtype": dtype or md.dtype, "elements": list(elements), "ensemble": md.ensemble,
+        "temperature_K": md.temperature_K, "pressure_bar": md.pressure_bar, "timestep_fs": md.timestep_fs,
+        "steps": steps, "thermo_every": md.thermo_every, "dump_every": md.dump_every,
+        "restart_every": md.restart_every if md.restart_every and steps > md.restart_every
+        and md.restart_every % md.dump_every == 0 else 0,
+        "tdamp_fs": md.tdamp_fs, "pdamp_fs": md.pdamp_fs, "seed": seed,
+        "replicas": max(1, len(structures)) if structures else 1,
+        # A continued segment keeps the previous segment's velocities, or draws new ones at
+        # temperature_K (the study's protocol); a first segment always draws them.
+        "velocities": md.segment_velocities if continue_from else "create",
+        "device": md.device,
+    }
+
+
 def md_config(state: WorkflowState, config: WorkflowConfig, folder: Path, *, model: str, steps: int, seed: int,
               structures: Sequence[str] = (), continue_from: str | None = None,
               elements: Sequence[str] = (), dtype: str | None = None):
     from ..md import MDConfig
 
-    md = config.md
-    return MDConfig(
-        output=str(folder / "md"),
-        structure=tuple(str(absolute(state, s)) for s in structures),
-        continue_from=str(absolute(state, continue_from)) if continue_from else None,
-        model=str(absolute(state, model)) if (state.root / model).is_file() else model,
-        dtype=dtype or md.dtype, elements=tuple(elements), ensemble=md.ensemble,
-        temperature_K=md.temperature_K, pressure_bar=md.pressure_bar, timestep_fs=md.timestep_fs,
-        steps=steps, thermo_every=md.thermo_every, dump_every=md.dump_every,
-        restart_every=md.restart_every if md.restart_every and steps > md.restart_every
-        and md.restart_every % md.dump_every == 0 else 0,
-        tdamp_fs=md.tdamp_fs, pdamp_fs=md.pdamp_fs, seed=seed,
-        replicas=max(1, len(structures)) if structures else 1,
-    )
+    values = md_values(
+        config, str(folder / "md"), model=str(absolute(state, model)) if (state.root / model).is_file() else model,
+        steps=steps, seed=seed, structures=[str(absolute(state, s)) for s in structures],
+        continue_from=str(absolute(state, continue_from)) if continue_from else None, elements=elements, dtype=dtype)
+    return MDConfig.from_dict(values, source="workflow md")
 
 
 def model_hash(state: WorkflowState, model: str) -> str:
@@ -162,26 +186,37 @@ def export_stage(state: WorkflowState, config: WorkflowConfig, model_name: str, 
         inputs["optimized"] = False
 
     def run(folder: Path) -> dict[str, Any]:
-        from ..models.export import ExportConfig, export_lammps_model
+        from ..models.export import export_lammps_model
 
         source = str(absolute(state, model)) if (state.root / model).is_file() else model
         target = str(folder / f"{model_name}-lammps-{dtype}.pt")
         fallback = None
         with TORCH_LOCK:
             try:
-                out = export_lammps_model(ExportConfig(model=source, output=target, dtype=dtype,
-                                                       elements=tuple(elements) if optimize else None))
+                out = export_lammps_model(export_config(config, source, target, elements if optimize else None))
             except Exception as err:  # noqa: BLE001 - the plain export is always valid
                 if not optimize:
                     raise
                 fallback = f"{type(err).__name__}: {err}"
                 state.log(f"export/{model_name}: the optimised export failed ({fallback[:200]}); "
                           "using the plain export")
-                out = export_lammps_model(ExportConfig(model=source, output=target, dtype=dtype))
+                out = export_lammps_model(export_config(config, source, target, None))
         return {"lammps_model": rel(state, out), "sha256": sha256_file(out), "optimized": optimize and not fallback,
                 "optimized_export_error": fallback}
 
     return state.run(f"export/{model_name}", inputs, run, deps=deps)["lammps_model"]
+
+
+def export_values(config: WorkflowConfig, model: str, output: str,
+                  elements: Sequence[str] | None) -> dict[str, Any]:
+    return {"model": model, "output": output, "dtype": config.md.dtype,
+            "elements": list(elements) if elements is not None else None}
+
+
+def export_config(config: WorkflowConfig, model: str, output: str, elements: Sequence[str] | None):
+    from ..models.export import ExportConfig
+
+    return ExportConfig.from_dict(export_values(config, model, output, elements), source="workflow export")
 
 
 # ----------------------------------------------------------------------------------------- extract
@@ -195,16 +230,11 @@ def extract_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, tr
               "time_offset_ps": time_offset_ps, "soap": _soap(config)}
 
     def run(folder: Path) -> dict[str, Any]:
-        from ..extract import ExtractConfig, extract_frames
+        from ..extract import extract_frames
         from ..io import write_frames
 
-        a = config.analysis
-        frames = extract_frames(ExtractConfig(
-            trajectory=absolute(state, trajectory), start_ns=start_ps / 1000.0,
-            stop_ns=None if stop_ps is None else stop_ps / 1000.0,
-            every_ns=None if every_ps is None else every_ps / 1000.0, count=count,
-            method=config.selection, seed=seed, soap_r_cut_A=a.soap_r_cut_A, soap_n_max=a.soap_n_max,
-            soap_l_max=a.soap_l_max, soap_sigma_A=a.soap_sigma_A))
+        frames = extract_frames(extract_config(config, str(absolute(state, trajectory)), start_ps=start_ps,
+                                               stop_ps=stop_ps, count=count, every_ps=every_ps, seed=seed))
         for atoms in frames:
             atoms.info["source_file"] = trajectory  # relative: the directory may move
             atoms.info["run_time_ps"] = float(atoms.info["time_ps"]) + time_offset_ps
@@ -215,6 +245,37 @@ def extract_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, tr
                 "steps": [int(a.info.get("step", -1)) for a in frames], "sha256": sha256_file(out)}
 
     return state.run(name, inputs, run, deps=deps)
+
+
+def extract_values(config: WorkflowConfig, trajectory: str, *, start_ps: float, stop_ps: float | None,
+                   count: int | None, every_ps: float | None, seed: int) -> dict[str, Any]:
+    a = config.analysis
+    values: dict[str, Any] = {
+        "trajectory": trajectory, "start_ns": start_ps / 1000.0,
+        "stop_ns": None if stop_ps is None else stop_ps / 1000.0,
+        "every_ns": None if every_ps is None else every_ps / 1000.0, "count": count, "seed": seed,
+        "soap_r_cut_A": a.soap_r_cut_A, "soap_n_max": a.soap_n_max, "soap_l_max": a.soap_l_max,
+        "soap_sigma_A": a.soap_sigma_A}
+    if count is not None:
+        values["method"] = config.selection
+    return values
+
+
+def extract_config(config: WorkflowConfig, trajectory: str, **window: Any):
+    from ..extract import ExtractConfig
+
+    return ExtractConfig.from_dict(extract_values(config, trajectory, **window), source="workflow extract")
+
+
+def window_selection(config: WorkflowConfig, window_ps: float, count: int) -> dict[str, Any]:
+    """How ``count`` frames are taken from the second half of a run of ``window_ps`` x 2:
+    ``selection: stride`` takes them on a fixed stride from the half's start to the run's end
+    (the study: 0.5-1.0 ns every 0.05 ns, 11 frames); random and fps pick ``count`` of all the
+    half's frames."""
+    if config.selection == "stride":
+        every = window_ps / (count - 1) if count > 1 else None
+        return {"count": None, "every_ps": every, "stop_ps": None if count > 1 else window_ps}
+    return {"count": count, "every_ps": None, "stop_ps": None}
 
 
 def _soap(config: WorkflowConfig) -> dict[str, Any]:
@@ -229,13 +290,9 @@ def label_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, fram
     inputs = {"frames": frames, "label": config.label.to_dict()}
 
     def run(folder: Path) -> dict[str, Any]:
-        from ..label import LabelConfig, label_frames
+        from ..label import label_frames
 
-        lab = config.label
-        cfg = LabelConfig(frames=absolute(state, frames), calculator=lab.calculator, output=folder / LABELLED,
-                          workdir=folder / "work", processes=lab.processes,
-                          threads_per_frame=lab.threads_per_frame, timeout_s=lab.timeout_s,
-                          cp2k=lab.cp2k, xtb=lab.xtb, vasp=lab.vasp, espresso=lab.espresso)
+        cfg = label_config(config, str(absolute(state, frames)), str(folder / LABELLED), str(folder / "work"))
         report = label_frames(cfg)
         state.journal("label_call", stage=name, labelled=report.labelled, reused=report.reused,
                       failed=list(report.failed))
@@ -249,6 +306,17 @@ def label_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, fram
     return state.run(name, inputs, run, deps=deps)
 
 
+def label_values(config: WorkflowConfig, frames: str, output: str, workdir: str) -> dict[str, Any]:
+    values = {key: v for key, v in config.label.to_dict().items() if key != "isolated_atom_box_A"}
+    return {"frames": frames, "output": output, "workdir": workdir, **values}
+
+
+def label_config(config: WorkflowConfig, frames: str, output: str, workdir: str):
+    from ..label import LabelConfig
+
+    return LabelConfig.from_dict(label_values(config, frames, output, workdir), source="workflow label")
+
+
 # ---------------------------------------------------------------------------------------- finetune
 def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model_name: str,
                    train: Sequence["Atoms"] | Sequence[str], start_model: str,
@@ -257,12 +325,16 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
     the LAMMPS export follows in its own stage (:func:`export_stage`)."""
     ft = config.finetune
     files = [str(t) for t in train]
+    isolated = isolated_atoms_stage(state, config)
     inputs = {"model_name": model_name, "train": files, "start_model": start_model,
               "start_model_sha256": model_hash(state, start_model),
               "finetune": ft.to_dict()}
+    if isolated is not None:
+        inputs["isolated_atoms_sha256"] = isolated["sha256"]
+        deps = [*deps, ISOLATED_ATOMS_STAGE]
 
     def run(folder: Path) -> dict[str, Any]:
-        from ..finetune import FinetuneConfig, finetune
+        from ..finetune import finetune
         from ..io import read_frames, write_frames
 
         frames = [a for f in files for a in read_frames(absolute(state, f))]
@@ -274,13 +346,8 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
             # ends with the models of an uninterrupted run (see FinetuneSettings).
             shutil.rmtree(out)
         foundation = str(absolute(state, start_model)) if (state.root / start_model).is_file() else start_model
-        cfg = FinetuneConfig(
-            train_file=str(train_path), foundation=foundation, replay_file=ft.replay_file,
-            output_dir=str(out), name=model_name, e0s=ft.e0s, epochs=ft.epochs, batch_size=ft.batch_size,
-            lr=ft.lr, energy_weight=ft.energy_weight, forces_weight=ft.forces_weight,
-            stress_weight=ft.stress_weight, new_frames_weight=ft.new_frames_weight,
-            valid_fraction=ft.valid_fraction, dtype=ft.dtype, export=False, export_dtype=config.md.dtype,
-            seed=ft.seed, device=ft.device)
+        cfg = finetune_config(config, str(train_path), foundation, str(out), model_name,
+                              isolated_atoms_file=str(absolute(state, isolated["file"])) if isolated else None)
         state.journal("finetune_call", stage=name)
         with TORCH_LOCK:
             result = finetune(cfg)
@@ -290,6 +357,62 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
                 "n_train": result.n_train, "n_valid": result.n_valid, "n_frames": len(frames),
                 "final_valid_rmse_e_meV_per_atom": result.final_valid_rmse_e_meV_per_atom,
                 "final_valid_rmse_f_meV_per_A": result.final_valid_rmse_f_meV_per_A,
-                "e0_policy": result.e0.get("policy"), "sha256": sha256_file(result.model_path)}
+                "e0_policy": result.e0.get("policy"), "e0_reason": result.e0.get("reason"),
+                "e0_predicted_start_rmse_meV_per_atom": result.e0.get("chosen_start_rmse_meV_per_atom"),
+                # multi-head replay (a replay file is configured) or plain fine-tuning: say which ran
+                "mode": cfg.mode, "sha256": sha256_file(result.model_path)}
 
     return state.run(name, inputs, run, deps=deps)
+
+
+def finetune_values(config: WorkflowConfig, train_file: str, foundation: str, output_dir: str,
+                    name: str, isolated_atoms_file: str | None = None) -> dict[str, Any]:
+    ft = config.finetune
+    return {"train_file": train_file, "foundation": foundation, "replay_file": ft.replay_file,
+            "isolated_atoms_file": isolated_atoms_file,
+            # an unknown labeller is the label stage's problem (and reported there), not a second one here
+            "labeller": config.label.calculator if config.label.calculator in CALCULATORS else None,
+            "output_dir": output_dir, "name": name, "e0s": ft.e0s, "epochs": ft.epochs,
+            "batch_size": ft.batch_size, "lr": ft.lr, "energy_weight": ft.energy_weight,
+            "forces_weight": ft.forces_weight, "stress_weight": ft.stress_weight,
+            "new_frames_weight": ft.new_frames_weight, "valid_fraction": ft.valid_fraction, "dtype": ft.dtype,
+            "export": False, "export_dtype": config.md.dtype, "seed": ft.seed, "device": ft.device}
+
+
+def finetune_config(config: WorkflowConfig, train_file: str, foundation: str, output_dir: str, name: str,
+                    isolated_atoms_file: str | None = None):
+    from ..finetune import FinetuneConfig
+
+    return FinetuneConfig.from_dict(finetune_values(config, train_file, foundation, output_dir, name,
+                                                    isolated_atoms_file), source="workflow finetune")
+
+
+# ----------------------------------------------------------------------------------- isolated atoms
+ISOLATED_ATOMS_STAGE = "e0/isolated-atoms"
+
+
+def isolated_atoms_stage(state: WorkflowState, config: WorkflowConfig) -> dict[str, Any] | None:
+    """The labeller's isolated-atom energies of every element of the system, when the E0 policy
+    needs them (``finetune.e0s``; ``auto`` with CP2K, xTB or QE labels): computed once, with the
+    label stage's code and settings, and shared by every fine-tune of every strategy. The
+    calculations are kept by a hash of their settings (``umlipft label --isolated-atoms``), so
+    a rerun, or a later workflow in the same directory, recomputes nothing."""
+    from ..finetune.e0 import e0_policy_needs_isolated_atoms
+
+    lab = config.label
+    if not e0_policy_needs_isolated_atoms(config.finetune.e0s, lab.calculator):
+        return None
+    elements = elements_of(absolute(state, state.result("start/00")["structure"]))
+    inputs = {"calculator": lab.calculator, "code": lab.code_config().to_dict(), "elements": list(elements),
+              "box_A": lab.isolated_atom_box_A}
+
+    def run(folder: Path) -> dict[str, Any]:
+        from ..label.isolated import label_isolated_atoms
+
+        report = label_isolated_atoms(lab, elements, folder, box_A=lab.isolated_atom_box_A)
+        state.journal("isolated_atoms_call", stage=ISOLATED_ATOMS_STAGE, computed=report.computed,
+                      reused=report.reused)
+        return {"file": rel(state, report.output), "energies_eV": report.energies_eV,
+                "multiplicities": report.multiplicities, "sha256": sha256_file(report.output)}
+
+    return state.run(ISOLATED_ATOMS_STAGE, inputs, run, deps=["start/00"])

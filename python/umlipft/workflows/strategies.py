@@ -13,9 +13,9 @@ from typing import Any, Sequence
 from ..errors import InputError
 from .config import WorkflowConfig
 from .stages import (absolute, elements_of, export_stage, extract_stage, finetune_stage, label_stage, md_stage,
-                     rel, start_stage)
+                     rel, start_stage, window_selection)
 from ..io import sha256_file
-from .state import WorkflowState
+from .state import Deferred, WorkflowState
 
 UNIVERSAL = "U"
 NAIVE_SEED_OFFSET = 1000
@@ -55,6 +55,11 @@ def _start_model(config: WorkflowConfig, models: list[ModelInfo]) -> str:
     if config.finetune.start_from == "previous" and len(models) > 1:
         return models[-1].model
     return config.foundation
+
+
+def _segment_frames(config: WorkflowConfig) -> dict[str, Any]:
+    """Which frames of a segment's second half are labelled (``selection``)."""
+    return window_selection(config, config.md.segment_ps() / 2, config.frames_per_segment)
 
 
 def _segment_record(name: str, model: str, run: dict[str, Any], time_offset_ps: float) -> dict[str, Any]:
@@ -108,7 +113,7 @@ def run_periodic(state: WorkflowState, config: WorkflowConfig, *, strategy: str 
         offset = i * md.segment_ps()
         segments.append(_segment_record(seg, models[-1].name if feedback else UNIVERSAL, run, offset))
         ex = extract_stage(state, config, f"{seg}/extract", trajectory=run["trajectories"][0],
-                           start_ps=md.segment_ps() / 2, stop_ps=None, count=config.frames_per_segment,
+                           start_ps=md.segment_ps() / 2, **_segment_frames(config),
                            seed=config.seed + i, time_offset_ps=offset, deps=[f"{seg}/md"],
                            tag={"strategy": strategy, "iteration": i})
         lab = label_stage(state, config, f"{seg}/label", frames=ex["frames"], deps=[f"{seg}/extract"])
@@ -151,20 +156,28 @@ def run_naive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult:
         segments.append({"name": name, "model": UNIVERSAL, "directory": run["directories"][j],
                          "trajectory": run["trajectories"][j], "thermo": run["thermo"][j],
                          "final": run["finals"][j], "time_offset_ps": 0.0})
-        ex = extract_stage(state, config, f"{name}/extract", trajectory=run["trajectories"][j],
-                           start_ps=md.segment_ps() / 2, stop_ps=None, count=config.frames_per_segment,
-                           seed=config.seed + 1000 + j, deps=["naive/md"],
-                           tag={"strategy": "naive", "iteration": j})
-        lab = label_stage(state, config, f"{name}/label", frames=ex["frames"], deps=[f"{name}/extract"])
+        try:
+            ex = extract_stage(state, config, f"{name}/extract", trajectory=run["trajectories"][j],
+                               start_ps=md.segment_ps() / 2, **_segment_frames(config),
+                               seed=config.seed + 1000 + j, deps=["naive/md"],
+                               tag={"strategy": "naive", "iteration": j})
+            lab = label_stage(state, config, f"{name}/label", frames=ex["frames"], deps=[f"{name}/extract"])
+        except Deferred:  # another batch job labels this trajectory (the pool stage waits for it)
+            continue
         labelled.append(lab["labelled"])
     pool = _pool_stage(state, config, labelled, [f"naive/traj-{j:02d}/label" for j in range(k)])
     models = [universal(config)]
     for n, subset in zip(pool["sizes"], pool["subsets"]):
         ft_stage = f"naive/ft-{n:03d}"
         deps = ["naive/pool"] + ([models[-1].stage] if models[-1].stage and config.finetune.start_from == "previous" else [])
-        ft = finetune_stage(state, config, ft_stage, model_name=f"N-{n}pts", train=[subset],
-                            start_model=_start_model(config, models), deps=deps)
-        lammps = export_stage(state, config, f"N-{n}pts", ft["model"], elements, deps=[ft_stage])
+        try:
+            ft = finetune_stage(state, config, ft_stage, model_name=f"N-{n}pts", train=[subset],
+                                start_model=_start_model(config, models), deps=deps)
+            lammps = export_stage(state, config, f"N-{n}pts", ft["model"], elements, deps=[ft_stage])
+        except Deferred:  # another batch job fine-tunes this subset; only from U are they independent
+            if config.finetune.start_from == "previous":
+                raise
+            continue
         models.append(ModelInfo(f"N-{n}pts", ft["model"], lammps, (subset,), ft["n_frames"], ft_stage))
     return StrategyResult("naive", models, segments, labelled)
 
@@ -218,7 +231,7 @@ def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult
                            structures=[start0], deps=deps_md, elements=elements)
             segments.append(_segment_record(seg, UNIVERSAL, run, 0.0))
             ex = extract_stage(state, config, f"{seg}/extract", trajectory=run["trajectories"][0],
-                               start_ps=md.segment_ps() / 2, stop_ps=None, count=config.frames_per_segment,
+                               start_ps=md.segment_ps() / 2, **_segment_frames(config),
                                seed=config.seed, deps=[f"{seg}/md"], tag={"strategy": "adaptive", "iteration": 0})
             previous_md, last_dep = run["directories"][0], f"{seg}/md"
             time_ps = md.segment_ps()
