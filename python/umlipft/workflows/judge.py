@@ -23,7 +23,7 @@ import numpy as np
 from ..io import atomic_write_text
 from .config import WorkflowConfig
 from .stages import absolute, elements_of, export_stage, extract_stage, label_stage, md_stage, rel
-from .state import WorkflowState
+from .state import Deferred, WorkflowState
 from .strategies import ModelInfo, StrategyResult, _pca_for
 
 REPORT_DIR = "report"
@@ -52,20 +52,24 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
         if not ev.self_consistent and not (ev.long_runs and _is_final(m, results)):
             return m.name, None, []
         deps: list[str] = []
-        lammps = m.lammps_model or export_stage(state, config, m.name, config.foundation, elements)
-        run = md_stage(state, config, f"{base}/md", model=lammps, steps=ev.test_steps,
-                       seed=ev.seed, structures=[start0], deps=["start/00", f"export/{m.name}"],
-                       elements=elements)
-        entry: dict[str, Any] = {"md": run, "lammps": lammps}
-        deps.append(f"{base}/md")
-        if ev.self_consistent:
-            ex = extract_stage(state, config, f"{base}/extract", trajectory=run["trajectories"][0],
-                               start_ps=test_ps / 2, stop_ps=None, count=ev.test_frames, seed=ev.seed,
-                               deps=[f"{base}/md"], tag={"test": "self-consistent", "model": m.name})
-            entry["label"] = label_stage(state, config, f"{base}/label", frames=ex["frames"],
-                                         deps=[f"{base}/extract"])
-            deps.append(f"{base}/label")
-        return m.name, entry, deps
+        entry: dict[str, Any] = {}
+        try:
+            lammps = m.lammps_model or export_stage(state, config, m.name, config.foundation, elements)
+            run = md_stage(state, config, f"{base}/md", model=lammps, steps=ev.test_steps,
+                           seed=ev.seed, structures=[start0], deps=["start/00", f"export/{m.name}"],
+                           elements=elements)
+            entry.update(md=run, lammps=lammps)
+            deps.append(f"{base}/md")
+            if ev.self_consistent:
+                ex = extract_stage(state, config, f"{base}/extract", trajectory=run["trajectories"][0],
+                                   start_ps=test_ps / 2, stop_ps=None, count=ev.test_frames, seed=ev.seed,
+                                   deps=[f"{base}/md"], tag={"test": "self-consistent", "model": m.name})
+                entry["label"] = label_stage(state, config, f"{base}/label", frames=ex["frames"],
+                                             deps=[f"{base}/extract"])
+                deps.append(f"{base}/label")
+        except Deferred:  # another batch job tests this model (what is finished is kept)
+            pass
+        return m.name, entry or None, deps
 
     models = _models(results)
     if config.parallel_stages > 1:

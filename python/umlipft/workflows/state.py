@@ -10,10 +10,17 @@ work there (LAMMPS restart files, per-frame label directories). So a rerun after
   changed, unless ``--from STAGE`` asks to redo that stage and everything after it;
 - resumes an unfinished stage with unchanged inputs, and starts an unfinished stage whose
   inputs changed afresh (its folder holds work for other inputs).
+
+Several processes may share one directory (the Slurm jobs of parallel branches): every save
+merges, under a file lock, the stages this process changed into the file as it is now. With
+``only``, a process runs no unfinished stage outside the given groups: it raises
+:class:`Deferred` there, which the strategies' independent loops (naive trajectories and
+fine-tunes, the models' tests) skip and which otherwise stops the run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -47,13 +54,15 @@ class WorkflowState:
     """Stages of one workflow directory, persisted atomically after every change."""
 
     def __init__(self, root: str | Path, *, from_stage: str | None = None, until: str | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, only: Sequence[str] | None = None) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / STATE_FILE
         self.log = log or (lambda message: None)
         self.until = until
         self.reached_until = False
+        self.only = tuple(only) if only else None
+        self._touched: set[str] = set()  # stages this process wrote or removed (merged on save)
         # Independent stages may run in threads (``parallel_stages``): one lock guards the state,
         # one per stage makes a second thread wait for a shared stage (export/U) instead of
         # running it twice.
@@ -70,8 +79,24 @@ class WorkflowState:
 
     # ----------------------------------------------------------------------------------------
     def save(self) -> None:
-        with self._lock:
+        with self._lock, open(self.root / (STATE_FILE + ".lock"), "a") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)  # POSIX lock: also across nodes on NFS
+            if self.path.is_file():
+                self.data = self._merged(json.loads(self.path.read_text()))
             atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str) + "\n")
+
+    def _merged(self, disk: dict[str, Any]) -> dict[str, Any]:
+        """The file's stages with this process's changes on top (other jobs' results kept)."""
+        stages = dict(disk.get("stages", {}))
+        for name in self._touched:
+            if name in self.data["stages"]:
+                stages[name] = self.data["stages"][name]
+            else:
+                stages.pop(name, None)
+        order = [n for n in disk.get("order", []) if n in stages]
+        order += [n for n in self.data["order"] if n in stages and n not in order]
+        return {**disk, **{k: v for k, v in self.data.items() if k not in ("stages", "order")},
+                "stages": stages, "order": order}
 
     def journal(self, event: str, **fields: Any) -> None:
         """Append one line to ``journal.jsonl``: what ran (used to count labeller/trainer calls)."""
@@ -105,6 +130,7 @@ class WorkflowState:
         first = order.index(matches[0])
         for stage in order[first:]:
             self.data["stages"].pop(stage, None)
+            self._touched.add(stage)
             folder = self.stage_dir(stage)
             if folder.is_dir():
                 shutil.rmtree(folder)
@@ -126,6 +152,8 @@ class WorkflowState:
              deps: Sequence[str]) -> dict[str, Any]:
         if self.reached_until and not self._within_until(name):
             raise _Stop()
+        if self.only is not None and not self.done(name) and not self._owned(name):
+            raise Deferred(name)
         full = {"inputs": dict(inputs), "deps": {d: self.fingerprint_of(d) for d in deps}}
         fp = fingerprint(full)
         entry = self.data["stages"].get(name)
@@ -147,6 +175,7 @@ class WorkflowState:
                                          "attempts": (entry or {}).get("attempts", 0) + 1}
             if name not in self.data["order"]:
                 self.data["order"].append(name)
+            self._touched.add(name)
             self.save()
         self.log(f"{name}: running" + (" (resuming)" if entry else ""))
         t0 = time.perf_counter()
@@ -159,6 +188,9 @@ class WorkflowState:
         if self._within_until(name):
             self.reached_until = True
         return result
+
+    def _owned(self, name: str) -> bool:
+        return any(name == group or name.startswith(group.rstrip("/") + "/") for group in self.only or ())
 
     def _within_until(self, name: str) -> bool:
         """Whether ``name`` is the ``--until`` stage or inside that group (``start`` covers ``start/03``)."""
@@ -176,3 +208,11 @@ class WorkflowState:
 
 class _Stop(Exception):
     """Raised to stop after the stage named by ``--until``."""
+
+
+class Deferred(_Stop):
+    """Raised at an unfinished stage outside ``only``: another batch job runs it."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
