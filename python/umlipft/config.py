@@ -8,6 +8,8 @@ silently falling back to a default is how long runs go wrong.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -99,36 +101,102 @@ def _plain(value: Any) -> Any:
 
 
 def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
-    """Convert YAML scalars to the field's declared type (int -> float, list -> tuple, str -> Path)."""
-    if hint is None or value is None:
+    """Convert YAML values to the field's declared type (int -> float, list -> tuple, str -> Path),
+    refusing every value of another type with a ConfigError naming the key."""
+    if hint is None or hint is Any:
         return value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        non_none = [a for a in args if a is not type(None)]
-        if len(non_none) == 1:
-            return _coerce(key, value, non_none[0], source)
-        return value
-    try:
-        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, option, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else _type_error(key, value, hint, source)
+    if value is None:
+        raise _type_error(key, value, hint, source)
+    if isinstance(hint, type) and issubclass(hint, DriverConfig):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: key {key!r} is a section: expected a mapping of "
+                              f"{hint.__name__} keys, got {value!r}")
+        return hint.from_dict(value, source=f"{source}: {key}")
+    if origin is tuple:
+        inner = args[0] if args else None
+        if isinstance(value, str):  # "O H Co" on a command line or in YAML
+            return tuple(_from_word(key, v, inner, source) for v in value.split())
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, value, hint, source)
+        return tuple(_coerce(f"{key}[{i}]", v, inner, source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _type_error(key, value, hint, source)
+        key_type, value_type = args if len(args) == 2 else (None, None)
+        return {_coerce(f"{key} key", k, key_type, source): _coerce(f"{key}.{k}", v, value_type, source)
+                for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
             return float(value)
-        if hint is int and isinstance(value, bool):
-            raise TypeError
-        if hint is int and isinstance(value, float) and value.is_integer():
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            return _from_word(key, value, float, source)
+        raise _type_error(key, value, hint, source)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
             return int(value)
-        if hint is Path:
-            return Path(value)
-        if origin is tuple:
-            if isinstance(value, str):
-                value = value.split()
-            inner = args[0] if args else None
-            return tuple(_coerce(key, v, inner, source) for v in value)
-        if isinstance(hint, type) and issubclass(hint, DriverConfig) and isinstance(value, Mapping):
-            return hint.from_dict(value, source=f"{source}: {key}")
-        if isinstance(hint, type) and hint in (int, float, str, bool) and not isinstance(value, hint):
-            raise TypeError
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{source}: key {key!r} expects {getattr(hint, '__name__', hint)}, got {value!r}"
-        ) from None
+        raise _type_error(key, value, hint, source)
+    if hint is bool or hint is str:
+        if not isinstance(value, hint):
+            raise _type_error(key, value, hint, source)
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise _type_error(key, value, hint, source)
+        return Path(value)
     return value
+
+
+def _from_word(key: str, word: Any, hint: Any, source: str) -> Any:
+    """One item of a whitespace-separated string, converted to ``hint`` (a number, or kept as text)."""
+    if hint in (int, float) and isinstance(word, str):
+        try:
+            number = hint(word)
+        except ValueError:
+            raise _type_error(key, word, hint, source) from None
+        if isinstance(number, float) and math.isnan(number):
+            raise _type_error(key, word, hint, source)
+        return number
+    return _coerce(key, word, hint, source)
+
+
+def _type_error(key: str, value: Any, hint: Any, source: str) -> ConfigError:
+    name = " or ".join(_type_name(a) for a in typing.get_args(hint)) if typing.get_args(hint) and \
+        typing.get_origin(hint) in (typing.Union, types.UnionType) else _type_name(hint)
+    shown = "nothing (null)" if value is None else f"{value!r} ({type(value).__name__})"
+    return ConfigError(f"{source}: key {key!r} expects {name}, got {shown}")
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}" if typing.get_args(hint) else "a list"
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
+    if hint is Path:
+        return "a path"
+    if hint is float:
+        return "a number"
+    if hint is int:
+        return "an integer"
+    if hint is bool:
+        return "true or false"
+    if hint is str:
+        return "text"
+    return getattr(hint, "__name__", str(hint))

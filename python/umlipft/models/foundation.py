@@ -50,6 +50,8 @@ def resolve_foundation_model(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise InputError(f"model {path} is a directory; give the model file inside it (NAME.model)")
     name = str(name_or_path)
     if name in FOUNDATION_NAMES:
         cached = cached_path(name)
@@ -92,6 +94,11 @@ def load_mace_model(name_or_path: str | Path, dtype: str | None = None):
     import torch
 
     path = resolve_foundation_model(name_or_path)
+    if is_torchscript_archive(path):
+        raise InputError(
+            f"{path} is a LAMMPS export (TorchScript, for pair_style mace), not a mace-torch model; "
+            "pass the mace-torch .model it was exported from (e.g. finetune's OUTPUT/NAME.model)"
+        )
     try:
         model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
@@ -104,6 +111,19 @@ def load_mace_model(name_or_path: str | Path, dtype: str | None = None):
     if dtype is not None:
         model = model.to(_torch_dtype(dtype))
     return model.eval()
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """True for a TorchScript file (``umlipft export`` writes them; torch.jit.save's zip holds
+    compiled code, which a pickled mace-torch model never does)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1] in ("constants.pkl", "extra/umlipft.json")
+                       or name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _torch_dtype(dtype: str):
