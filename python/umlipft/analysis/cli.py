@@ -93,6 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common_outputs(events)
     events.set_defaults(func=_events)
 
+    from ..lock import locks_output
+
+    for name, parser in (("pca", pca), ("q", q), ("coverage", cov), ("bonds", bonds),
+                         ("coordination", coord), ("events", events)):  # one run per -o DIR
+        locked = locks_output(f"analyze {name}", lambda args: args.output)
+        parser.set_defaults(func=locked(parser.get_default("func")))
+
 
 def _frame_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", help="frames to use, ASE syntax, e.g. '::10' (default all)")

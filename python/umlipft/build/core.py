@@ -233,9 +233,16 @@ def _read_packmol_xyz(path: Path) -> tuple[list[str], "np.ndarray"]:
 
 def run_build(config: BuildConfig, output: str | Path | None = None) -> Path:
     """Build, write the structure atomically and a run summary beside it; return the path."""
-    from ..summary import RunSummary
+    from ..lock import output_lock
 
     path = Path(output or config.output or f"{config.system}-seed{config.seed}.extxyz")
+    with output_lock(path, "build", file=True):  # one build per output file at a time
+        return _build_and_write(config, path)
+
+
+def _build_and_write(config: BuildConfig, path: Path) -> Path:
+    from ..summary import RunSummary
+
     summary = RunSummary("build", config, seed=config.seed)
     with summary.timed("build"):
         atoms = build_system(config)

@@ -27,6 +27,7 @@ from ..errors import ConfigError, InputError
 from ..io import (REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY, atomic_path, atomic_write_text,
                   read_frames, reference_energy, reference_forces, reference_stress,
                   require_reference_labels)
+from ..lock import locks_output
 from ..summary import RunSummary
 from .metrics import ErrorSummary, FrameError, energy_residuals_meV_per_atom, rmse, summarise, voigt6
 from .thermo import frame_step, read_thermo_table
@@ -318,6 +319,7 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+@locks_output("evaluate", lambda config, **_: config.output_dir)
 def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluationResult:
     """Run what ``config`` asks for and write ``evaluation.json``, ``evaluation.csv`` (one row per
     model and frame set), per-frame CSVs and ``summary.json`` under ``config.output_dir``."""

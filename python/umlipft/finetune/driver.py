@@ -38,6 +38,7 @@ from ..errors import ConfigError, ExternalProgramError, InputError, StateError
 from ..io import (REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY, atomic_path, atomic_write_text, sha256_file,
                   read_frames, reference_energy, reference_forces, reference_stress,
                   require_reference_labels, write_frames)
+from ..lock import locks_output
 from ..summary import RunSummary
 from .e0 import E0_POLICIES, E0Decision, decide_e0s, foundation_e0s, is_isolated_atom, isolated_atom_energies
 
@@ -455,6 +456,7 @@ def _evenly(frames: Sequence[Any], count: int) -> list[Any]:
     return [frames[i] for i in sorted(set(idx.tolist()))]
 
 
+@locks_output("finetune", lambda config, **_: config.output_dir)
 def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None] | None = None,
              log_progress: bool = False) -> FinetuneResult:
     """Fine-tune ``config.foundation`` on ``config.train_file`` and export the result.

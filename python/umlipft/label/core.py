@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import InputError, StateError
+from ..lock import locks_output, mpi_world
 from .config import LabelConfig
 from .worker import ATTEMPTS, INPUT, RESULT, STATUS, TASK
 
@@ -151,6 +152,19 @@ def _frame_state(directory: Path, fp: str) -> tuple[str, str]:
             "file changed since the last run. Use a new --workdir (or delete this one)"
         )
     if (directory / RESULT).is_file():
+        from ..io import read_frames, sha256_file
+
+        try:
+            written = _done_hash(directory)
+            if written and sha256_file(directory / RESULT) != written:
+                raise InputError(f"{directory / RESULT} is not the file the labeller wrote (cut short "
+                                 "or changed since)")
+            read_frames(directory / RESULT, format="extxyz")
+        except InputError as err:  # cut short or corrupted outside our atomic write: relabel
+            os.replace(directory / RESULT, directory / (RESULT + ".unreadable"))
+            print(f"umlipft label: {err}; relabelling this frame (the file is kept as "
+                  f"{RESULT}.unreadable)", file=sys.stderr)
+            return "todo", ""
         return "done", ""
     status = directory / STATUS
     if status.is_file():
@@ -158,6 +172,14 @@ def _frame_state(directory: Path, fp: str) -> tuple[str, str]:
         if data.get("status") == "failed":
             return "failed", data.get("reason", "unknown")
     return "todo", ""
+
+
+def _done_hash(directory: Path) -> str | None:
+    """The hash of result.extxyz that the worker recorded when it finished (None: not recorded)."""
+    try:
+        return json.loads((directory / STATUS).read_text()).get("result_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _run_worker(directory: Path, *, env: dict[str, str], timeout_s: float | None) -> tuple[bool, str, float]:
@@ -262,6 +284,7 @@ def _check_manifest(workdir: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
 
 
+@locks_output("label", lambda config: config.workdir_path(), comm=lambda config: mpi_world())
 def label_frames(config: LabelConfig) -> LabelReport:
     """Label every frame of ``config.frames``; resume from ``config.workdir`` if it exists.
 
@@ -354,11 +377,11 @@ def label_frames(config: LabelConfig) -> LabelReport:
 
 def _collect(config: LabelConfig, workdir: Path, done: Sequence[int]) -> Path | None:
     """Write the labelled frames (in input order) to the output file; None if there are none."""
-    from ase.io import read
+    from ..io import read_frames
 
     if not done:
         return None
-    out = [read(frame_dir(workdir, i) / RESULT, format="extxyz", parallel=False) for i in done]
+    out = [read_frames(frame_dir(workdir, i) / RESULT, format="extxyz")[0] for i in done]
     for atoms in out:
         atoms.calc = None
     return _write_extxyz(config.output_path(), out)

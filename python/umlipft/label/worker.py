@@ -101,11 +101,12 @@ def main(argv: list[str]) -> int:
         }) + "\n")
         print(f"frame failed: {reason}", file=sys.stderr)
         return 3
-    from ..io import atomic_write_text
+    from ..io import atomic_write_text, sha256_file
 
     atomic_write_text(frame_dir / STATUS, json.dumps({
         "status": "done", "wall_s": time.perf_counter() - t0,
         "rank": int(os.environ.get("UMLIPFT_LABEL_RANK", "0")),
+        "result_sha256": sha256_file(frame_dir / RESULT),  # a resume trusts exactly this file
     }) + "\n")
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..io import atomic_write_text
+from ..lock import output_lock
 
 FIGURE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
 REPORT_NAME = "report.html"
@@ -41,6 +42,11 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, title: s
     if not run_dir.is_dir():
         raise InputError(f"{run_dir} is not a directory; give the run directory to report on")
     output = Path(output) if output else run_dir / REPORT_NAME
+    with output_lock(output, "report", file=True):  # one report per page at a time
+        return _write_report(run_dir, output, title, embed)
+
+
+def _write_report(run_dir: Path, output: Path, title: str | None, embed: bool) -> Path:
     figures = sorted(p for p in run_dir.rglob("*") if p.suffix.lower() in FIGURE_SUFFIXES and p.is_file()
                      and not any(part.startswith(".") for part in p.relative_to(run_dir).parts))
     summaries = sorted(p for p in run_dir.rglob("*summary*.json") if p.is_file())
