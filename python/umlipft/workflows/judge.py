@@ -92,6 +92,8 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
         def long_run(item: tuple[str, tuple[str, ModelInfo]]) -> tuple[str, dict[str, Any]]:
             name, (strategy, m) = item
             base = f"eval/long/{name}"
+            if name not in sc:  # its test MD is another batch job's and has not finished
+                raise Deferred(f"eval/sc/{name}/md")
             run = md_stage(state, config, f"{base}/md", model=sc[name]["lammps"],
                            steps=ev.long_steps, seed=ev.seed, continue_from=sc[name]["md"]["directories"][0],
                            deps=[f"eval/sc/{name}/md"], elements=elements)
