@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .e0 import E0_POLICIES, LABELLERS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -11,8 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune a MACE foundation model with mace-torch and export it for LAMMPS",
         description="Fine-tune all weights of a foundation model (naive), or with --replay FILE "
         "mace-torch's multi-head replay fine-tuning, then export the model for pair_style mace. "
-        "E0s default to the foundation's fitted values; isolated-atom frames in the training file "
-        "are then left out (see --e0s). Rerunning the same command resumes or does nothing.",
+        "E0s (--e0s) default to auto: the foundation's fitted values for VASP labels, the labeller's "
+        "own isolated-atom energies plus a fitted correction for CP2K, xTB or Quantum ESPRESSO "
+        "labels (--isolated-atoms-file, from 'umlipft label --isolated-atoms'), decided from the "
+        "data when the labeller is unknown; the summary records the choice and why. Isolated-atom "
+        "frames are never trained on. Rerunning the same command resumes or does nothing.",
     )
     parser.add_argument("--foundation", help="foundation model: a name (small, ...) or a .model file (default small)")
     parser.add_argument("--train", dest="train_file", help="labelled training frames (extxyz)")
@@ -22,9 +27,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output-dir", help="output directory (default finetune)")
     parser.add_argument("--config", help="YAML file with FinetuneConfig keys; flags override it")
     parser.add_argument("--name", help="model name: OUT/NAME.model and OUT/NAME-lammps-DTYPE.pt (default finetuned)")
-    parser.add_argument("--e0s", choices=("foundation", "isolated-atoms", "estimated"),
-                        help="per-element reference energies: the foundation's (default), the training "
-                        "file's IsolatedAtom frames, or mace-torch's least-squares estimate")
+    parser.add_argument("--e0s", choices=E0_POLICIES,
+                        help="per-element reference energies: auto (default, per labeller), the foundation's, "
+                        "the labeller's isolated-atom energies plus a fitted correction (isolated-atoms-fitted), "
+                        "mace-torch's least-squares estimate, or the isolated-atom energies alone")
+    parser.add_argument("--isolated-atoms-file", dest="isolated_atoms_file",
+                        help="IsolatedAtom frames with the labeller's isolated-atom energies "
+                        "(umlipft label --isolated-atoms writes DIR/isolated_atoms.extxyz)")
+    parser.add_argument("--labeller", choices=LABELLERS,
+                        help="code of the reference labels, for --e0s auto (default: the frames' "
+                        "label_calculator, written by umlipft label)")
     parser.add_argument("--accept-large-start-error", action="store_true", default=None,
                         help="train even if the starting model's energy error exceeds --max-start-error")
     parser.add_argument("--max-start-error", dest="max_start_error_meV_per_atom", type=float,
@@ -50,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 _KEYS = ("foundation", "train_file", "valid_file", "replay_file", "output_dir", "name", "e0s",
+         "isolated_atoms_file", "labeller",
          "accept_large_start_error", "max_start_error_meV_per_atom", "epochs", "batch_size", "lr",
          "energy_weight", "forces_weight", "stress_weight", "new_frames_weight", "dtype",
          "export_dtype", "export", "mace_plots", "seed", "device", "energy_key", "forces_key", "stress_key")
@@ -70,5 +83,10 @@ def _run(args: argparse.Namespace) -> int:
     e0 = result.e0
     print(f"E0s: {e0['policy']} (predicted starting error {e0['chosen_start_rmse_meV_per_atom']:.1f} meV/atom; "
           f"{e0['isolated_atom_frames_dropped']} isolated-atom frames not trained on)")
+    if e0.get("reason"):
+        print(f"  why: {e0['reason']}")
+    table = ", ".join(f"{p} {v['rmse_meV_per_atom']:.1f}" for p, v in e0.get("start_errors", {}).items())
+    if table:
+        print(f"  predicted starting error by policy (meV/atom): {table}")
     print(f"wrote {result.model_path}" + (f" and {result.lammps_model_path}" if result.lammps_model_path else ""))
     return 0

@@ -40,7 +40,8 @@ from ..io import (REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY, atomic_path, a
                   require_reference_labels, write_frames)
 from ..lock import locks_output
 from ..summary import RunSummary
-from .e0 import E0_POLICIES, E0Decision, decide_e0s, foundation_e0s, is_isolated_atom, isolated_atom_energies
+from .e0 import (E0_POLICIES, LABELLERS, E0Decision, decide_e0s, foundation_e0s, is_isolated_atom,
+                 isolated_atom_energies)
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -62,6 +63,12 @@ class FinetuneConfig(DriverConfig):
     (labelled with the foundation's level of theory, e.g. an MPtrj subset or foundation-labelled
     frames) train a second head that keeps the shared weights close to the foundation, and the
     new frames are weighted ``new_frames_weight`` times (the study used 10).
+
+    ``e0s`` (see :mod:`.e0`): ``auto`` (default) resolves per labeller, which is ``labeller``
+    or, if unset, the ``label_calculator`` the training frames carry from ``umlipft label``.
+    ``isolated_atoms_file`` holds the labeller's isolated-atom energies (IsolatedAtom frames,
+    e.g. ``umlipft label --isolated-atoms`` output) for the isolated-atoms(-fitted) policies;
+    IsolatedAtom frames in the training file serve too.
     """
 
     train_file: str = ""
@@ -70,7 +77,9 @@ class FinetuneConfig(DriverConfig):
     replay_file: str | None = None
     output_dir: str = "finetune"
     name: str = "finetuned"
-    e0s: str = "foundation"
+    e0s: str = "auto"
+    isolated_atoms_file: str | None = None
+    labeller: str | None = None
     max_start_error_meV_per_atom: float = 100.0
     accept_large_start_error: bool = False
     e0_check_frames: int = 8
@@ -106,6 +115,8 @@ class FinetuneConfig(DriverConfig):
             raise ConfigError("train_file is required (--train FILE)")
         if self.e0s not in E0_POLICIES:
             raise ConfigError(f"e0s must be one of {', '.join(E0_POLICIES)}, got {self.e0s!r}")
+        if self.labeller is not None and self.labeller not in LABELLERS:
+            raise ConfigError(f"labeller must be one of {', '.join(LABELLERS)} (or unset), got {self.labeller!r}")
         for key in ("dtype", "export_dtype"):
             if getattr(self, key) not in ("float32", "float64"):
                 raise ConfigError(f"{key} must be float32 or float64, got {getattr(self, key)!r}")
@@ -180,6 +191,7 @@ class _Prepared:
     replay_valid: "list[Atoms]"
     isolated: dict[int, float]
     isolated_dropped: int
+    labeller: str | None
     has_stress: bool
     valid_is_train: bool
 
@@ -233,11 +245,59 @@ def _split(frames: "list[Atoms]", fraction: float, seed: int) -> "tuple[list[Ato
             [a for i, a in enumerate(frames) if i in valid_idx])
 
 
+def _labels_from(frames: "Sequence[Atoms]") -> set[str | None]:
+    return {a.info.get("label_calculator") for a in frames}
+
+
+def _labeller(cfg: FinetuneConfig, regular: "Sequence[Atoms]") -> str | None:
+    """The code of the reference labels: the config's, else the one every frame names
+    (``umlipft label`` records it); None when unknown. Labels of two codes cannot be fitted
+    together (their energies are on different absolute scales)."""
+    named = sorted(c for c in _labels_from(regular) if c is not None)
+    if len(named) > 1:
+        raise InputError(f"the training frames were labelled by several codes ({', '.join(named)}); their "
+                         "energies are on different absolute scales and cannot be fitted together")
+    if cfg.labeller is not None:
+        if named and named[0] != cfg.labeller:
+            raise InputError(f"labeller: {cfg.labeller}, but the training frames say they were labelled by "
+                             f"{named[0]} (label_calculator)")
+        return cfg.labeller
+    return named[0] if named and None not in _labels_from(regular) else None
+
+
+def _isolated_energies(cfg: FinetuneConfig, isolated_frames: "Sequence[Atoms]",
+                       labeller: str | None) -> dict[int, float]:
+    """Isolated-atom energies of the training file, and of ``isolated_atoms_file``; the two must
+    agree where both have an element (energies from two settings must not be mixed)."""
+    from ase.data import chemical_symbols
+
+    isolated = isolated_atom_energies(isolated_frames, cfg.energy_key)
+    if not cfg.isolated_atoms_file:
+        return isolated
+    path = cfg.isolated_atoms_file
+    frames = read_frames(path)
+    not_isolated = [i for i, a in enumerate(frames) if not is_isolated_atom(a) or len(a) != 1]
+    if not_isolated:
+        raise InputError(f"isolated_atoms_file {path}: frame(s) {not_isolated[:5]} are not single isolated atoms")
+    require_reference_labels(frames, path, forces=False, energy_key=cfg.energy_key)
+    codes = sorted(c for c in _labels_from(frames) if c is not None)
+    if labeller is not None and codes and codes != [labeller]:
+        raise InputError(f"isolated_atoms_file {path} was labelled by {', '.join(codes)}, the training frames by "
+                         f"{labeller}; the isolated-atom energies must come from the labeller of the training frames")
+    given = isolated_atom_energies(frames, cfg.energy_key)
+    clash = [chemical_symbols[z] for z in given if z in isolated and abs(given[z] - isolated[z]) > 1e-6]
+    if clash:
+        raise InputError(f"isolated_atoms_file {path} and the training file's IsolatedAtom frames give different "
+                         f"energies for {', '.join(clash)}; keep one source of isolated-atom energies")
+    return {**isolated, **given}
+
+
 def _prepare(cfg: FinetuneConfig, foundation_numbers: frozenset[int]) -> _Prepared:
     from ase.data import chemical_symbols
 
     train, isolated_frames = _read_labelled(cfg.train_file, cfg, "training file")
-    isolated = isolated_atom_energies(isolated_frames, cfg.energy_key)
+    labeller = _labeller(cfg, train)
+    isolated = _isolated_energies(cfg, isolated_frames, labeller)
     valid: list = []
     valid_is_train = False
     if cfg.valid_file:
@@ -266,7 +326,7 @@ def _prepare(cfg: FinetuneConfig, foundation_numbers: frozenset[int]) -> _Prepar
         replay_n, replay_valid = _split([_normalise(a, cfg, None) for a in replay], cfg.valid_fraction, cfg.seed)
     else:
         replay_n = []
-    return _Prepared(train_n, valid_n, replay_n, replay_valid, isolated, len(isolated_frames),
+    return _Prepared(train_n, valid_n, replay_n, replay_valid, isolated, len(isolated_frames), labeller,
                      has_stress, valid_is_train)
 
 
@@ -276,7 +336,7 @@ def _prepare(cfg: FinetuneConfig, foundation_numbers: frozenset[int]) -> _Prepar
 
 def _request(cfg: FinetuneConfig, foundation_path: Path) -> dict[str, Any]:
     inputs = {"foundation": str(foundation_path)}
-    for key in ("train_file", "valid_file", "replay_file"):
+    for key in ("train_file", "valid_file", "replay_file", "isolated_atoms_file"):
         value = getattr(cfg, key)
         if value:
             inputs[key] = value
@@ -456,6 +516,19 @@ def _evenly(frames: Sequence[Any], count: int) -> list[Any]:
     return [frames[i] for i in sorted(set(idx.tolist()))]
 
 
+def _check_frames(frames: "Sequence[Atoms]", count: int) -> "list[Atoms]":
+    """``count`` frames spread over the set, plus the first frame with each element they miss:
+    an explicit E0 dict must cover every element mace-torch sees in the training data."""
+    chosen = _evenly(frames, count)
+    seen = {int(z) for a in chosen for z in a.numbers}
+    for atoms in frames:
+        new = {int(z) for z in atoms.numbers} - seen
+        if new:
+            chosen.append(atoms)
+            seen |= new
+    return chosen
+
+
 @locks_output("finetune", lambda config, **_: config.output_dir)
 def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None] | None = None,
              log_progress: bool = False) -> FinetuneResult:
@@ -471,7 +544,7 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
     out = Path(config.output_dir)
     summary = RunSummary("finetune", config, seed=config.seed)
     foundation_path = resolve_foundation_model(config.foundation)
-    for key in ("train_file", "valid_file", "replay_file"):
+    for key in ("train_file", "valid_file", "replay_file", "isolated_atoms_file"):
         value = getattr(config, key)
         if value and not Path(value).is_file():
             raise InputError(f"{key.replace('_', ' ')} {value} does not exist")
@@ -499,7 +572,7 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
         from ..evaluate.predict import ModelEvaluator
 
         # float32 is ample for an error measured in tens of meV/atom, and four times faster.
-        check = _evenly(prepared.train, config.e0_check_frames)
+        check = _check_frames(prepared.train, config.e0_check_frames)
         evaluator = ModelEvaluator(foundation_path, dtype="float32", device="cpu", loaded=foundation)
         energies = [p.energy_eV for p in evaluator.predict(check)]
         e0 = decide_e0s(
@@ -507,8 +580,9 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
             foundation_e0=foundation_e0s(foundation), isolated=prepared.isolated,
             energy_key=REF_ENERGY_KEY, max_start_error_meV_per_atom=config.max_start_error_meV_per_atom,
             accept_large_start_error=config.accept_large_start_error,
-            isolated_frames_dropped=prepared.isolated_dropped)
+            isolated_frames_dropped=prepared.isolated_dropped, labeller=prepared.labeller)
         del evaluator, foundation
+    log.info("E0s: %s (%s)", e0.policy, e0.reason)
     if prepared.isolated_dropped:
         log.warning("%d isolated-atom frame(s) left out of training: E0s are %s (policy %r)",
                     prepared.isolated_dropped,
@@ -557,7 +631,8 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
         final_valid_rmse_f_meV_per_A=valid_errors[-1][1] if valid_errors else None,
         skipped=False,
     )
-    summary.results = {**result.to_dict(), "valid_is_train": prepared.valid_is_train,
+    summary.results = {**result.to_dict(), "e0_policy": e0.policy, "e0_reason": e0.reason,
+                       "valid_is_train": prepared.valid_is_train,
                        "mace_arguments": args, "resumed_from_epoch": start_epoch}
     atomic_write_text(result_path, json.dumps(result.to_dict(), indent=2) + "\n")
     summary.write(out / "summary.json")

@@ -25,10 +25,17 @@ CP2K_SHELL_NAMES = ("cp2k_shell", "cp2k_shell.psmp", "cp2k_shell.ssmp", "cp2k_sh
                     "cp2k_shell.sopt")
 CP2K_BINARY_NAMES = ("cp2k.psmp", "cp2k.ssmp", "cp2k.popt", "cp2k.sopt", "cp2k")
 XTB_MAX_Z = 86  # GFN1/GFN2-xTB are parametrised for H-Rn
+# A frame's own spin multiplicity (atoms.info), above the configured or automatic one: the
+# automatic rule is for condensed frames and would make an isolated O atom a singlet.
+FRAME_MULTIPLICITY_KEY = "label_multiplicity"
 
 
 def multiplicity(atoms: "Atoms", spin: SpinSettings) -> int:
-    """The configured multiplicity, or the automatic one (see SpinSettings)."""
+    """The frame's own (``atoms.info["label_multiplicity"]``), the configured, or the automatic
+    multiplicity (see SpinSettings)."""
+    own = atoms.info.get(FRAME_MULTIPLICITY_KEY)
+    if own is not None:
+        return int(own)
     if spin.multiplicity is not None:
         return spin.multiplicity
     symbols = atoms.get_chemical_symbols()
@@ -42,12 +49,20 @@ def multiplicity(atoms: "Atoms", spin: SpinSettings) -> int:
 def check_multiplicity(atoms: "Atoms", spin: SpinSettings, where: str) -> None:
     electrons = int(atoms.get_atomic_numbers().sum()) - spin.charge
     mult = multiplicity(atoms, spin)
+    if mult < 1:
+        raise InputError(f"{where}: multiplicity {mult} must be >= 1")
     if (electrons - (mult - 1)) % 2:
         raise InputError(f"{where}: multiplicity {mult} is impossible with {electrons} electrons "
                          f"(charge {spin.charge}); the parity of 2S must match the electron count")
     if mult - 1 > electrons:
         raise InputError(f"{where}: multiplicity {mult} needs more unpaired electrons than the "
                          f"{electrons} electrons present")
+
+
+def wants_stress(atoms: "Atoms") -> bool:
+    """Stress for periodic frames, except isolated-atom references: a plane-wave code needs their
+    box periodic, but their stress means nothing and costs CP2K an extra gradient pass."""
+    return bool(atoms.pbc.all()) and atoms.info.get("config_type") != "IsolatedAtom"
 
 
 # --------------------------------------------------------------------------------------- CP2K
@@ -217,7 +232,7 @@ def make_cp2k(atoms: "Atoms", cfg: Cp2kConfig, directory: Path) -> "Calculator":
         charge=cfg.charge,
         uks=mult > 1,
         multiplicity=mult,
-        stress_tensor=bool(atoms.pbc.all()),
+        stress_tensor=wants_stress(atoms),
         print_level="LOW",
     )
 
@@ -345,7 +360,7 @@ def write_vasp_inputs(atoms: "Atoms", cfg: VaspConfig, directory: str | Path) ->
 def espresso_input_data(atoms: "Atoms", cfg: EspressoConfig) -> dict[str, Any]:
     mult = multiplicity(atoms, cfg)
     data: dict[str, Any] = {
-        "control": {"calculation": "scf", "tprnfor": True, "tstress": bool(atoms.pbc.all()),
+        "control": {"calculation": "scf", "tprnfor": True, "tstress": wants_stress(atoms),
                     "disk_io": "low"},
         "system": {"ecutwfc": cfg.ecutwfc_Ry, "ecutrho": cfg.ecutrho_Ry, "occupations": "fixed",
                    "tot_charge": float(cfg.charge)},
@@ -415,7 +430,8 @@ def prepare_atoms(name: str, cfg: SpinSettings, atoms: "Atoms") -> "Atoms":
 
     prepared = atoms.copy()
     prepared.calc = None
-    if name in ("vasp", "espresso") and multiplicity(atoms, cfg) > 1:
+    own_moments = FRAME_MULTIPLICITY_KEY in atoms.info and atoms.has("initial_magmoms")
+    if name in ("vasp", "espresso") and multiplicity(atoms, cfg) > 1 and not own_moments:
         moments = np.array([float(cfg.unpaired_electrons.get(s, 0)) for s in atoms.get_chemical_symbols()])
         prepared.set_initial_magnetic_moments(moments)
     return prepared

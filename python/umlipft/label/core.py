@@ -65,14 +65,19 @@ class LabelReport:
 
 
 def fingerprint(atoms: "Atoms") -> str:
-    """Identity of a structure (species, positions, cell, pbc) to 1e-6 Å."""
+    """Identity of a structure (species, positions, cell, pbc) to 1e-6 Å, and of its own spin
+    multiplicity if it has one (a frame's multiplicity changes its label)."""
     import numpy as np
+
+    from .calculators import FRAME_MULTIPLICITY_KEY
 
     h = hashlib.sha256()
     h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
     h.update(np.round(np.asarray(atoms.positions, dtype=float), 6).tobytes())
     h.update(np.round(np.asarray(atoms.cell.array, dtype=float), 6).tobytes())
     h.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
+    if atoms.info.get(FRAME_MULTIPLICITY_KEY) is not None:  # absent: the hash frames always had
+        h.update(f"multiplicity={int(atoms.info[FRAME_MULTIPLICITY_KEY])}".encode())
     return h.hexdigest()[:32]
 
 

@@ -43,7 +43,7 @@ def label_one(frame_dir: Path) -> None:
 
     from ..io import REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY
     from .core import _write_extxyz
-    from .calculators import cp2k_check_output, make_calculator, prepare_atoms
+    from .calculators import cp2k_check_output, make_calculator, prepare_atoms, wants_stress
     from .config import CODE_CONFIGS
 
     task = json.loads((frame_dir / TASK).read_text())
@@ -54,7 +54,7 @@ def label_one(frame_dir: Path) -> None:
     prepared = prepare_atoms(name, cfg, atoms)
     calc = make_calculator(name, cfg, prepared, frame_dir)
     prepared.calc = calc
-    periodic = bool(atoms.pbc.all())
+    periodic = wants_stress(atoms)
     try:
         energy = float(prepared.get_potential_energy())
         forces = np.array(prepared.get_forces(), dtype=float)
