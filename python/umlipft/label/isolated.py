@@ -13,7 +13,8 @@ hash of everything that decides its energy (code, code settings, box, multiplici
 Rerunning with the same settings therefore recomputes nothing; changing a setting makes a new
 directory and a new calculation; adding an element computes only that element. Layout::
 
-    WORKDIR/isolated_atoms.extxyz     one frame per element: config_type=IsolatedAtom, REF_energy
+    WORKDIR/isolated_atoms.extxyz     one frame per element of the latest call: config_type=IsolatedAtom,
+                                      REF_energy, label_multiplicity, isolated_settings_sha256
     WORKDIR/isolated_atoms.json       per element: energy, multiplicity, settings hash, run dir
     WORKDIR/runs/EL-CODE-HASH/        settings.json, atom.extxyz, label/ (label_frames' workdir)
 """
