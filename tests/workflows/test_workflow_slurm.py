@@ -232,6 +232,8 @@ def test_bad_slurm_settings_are_refused():
         _config(time_by_kind={"mdd": "1:00:00"})
     with pytest.raises(ConfigError, match="not a Slurm time"):
         _config(time="two days")
+    with pytest.raises(ConfigError, match="time_by_kind.md"):
+        _config(time_by_kind={"md": 108000})  # what YAML makes of an unquoted 30:00:00
     assert slurm_seconds("1-12") == 36 * 3600 and slurm_seconds("90") == 5400
 
 

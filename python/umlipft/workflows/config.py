@@ -274,8 +274,11 @@ class SlurmSettings(DriverConfig):
                               f"the kinds are {', '.join(JOB_KINDS)}")
         for key, value in [("slurm.time", self.time)] + [(f"slurm.time_by_kind.{k}", v)
                                                           for k, v in self.time_by_kind.items()]:
+            if value is not None and not isinstance(value, str):
+                # YAML reads an unquoted 30:00:00 as the number 108000 (base 60)
+                raise ConfigError(f"{key}: quote the time, e.g. \"30:00:00\" (got {value!r})")
             if value is not None:
-                slurm_seconds(str(value), key)
+                slurm_seconds(value, key)
 
 
 @dataclasses.dataclass(frozen=True)
