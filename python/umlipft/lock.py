@@ -215,7 +215,11 @@ def _acquire(target: Path, directory: Path, command: str, file: bool, shared: bo
         if held is not None:  # this process holds it already (a driver inside the workflow)
             held.count += 1
             return key
-        fd = _lock_fd(lock_path, directory, command, shared, created)
+        try:
+            fd = _lock_fd(lock_path, directory, command, shared, created)
+        except Exception:
+            _remove_empty(created)
+            raise
         _held[key] = _Held(fd=fd, shared=shared, created=created)
     return key
 
@@ -238,11 +242,16 @@ def _release(key: Path) -> None:
             return
         finally:
             os.close(held.fd)
-        for directory in held.created:
-            try:
-                directory.rmdir()  # only if the run left it empty
-            except OSError:
-                break
+        _remove_empty(held.created)
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories made for a lock (deepest first) that the run left empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            break
 
 
 def _lock_fd(lock_path: Path, directory: Path, command: str, shared: bool, created: list[Path]) -> int:
