@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 # Periodic images of a neutral atom interact only through their density tails. Measured with
 # CP2K (PBE, DZVP-MOLOPT-SR-GTH, 250 Ry): the H atom's energy in 8, 10, 12 and 14 Å boxes agrees
-# within 1.2 meV, which is grid noise, not a trend. 12 Å leaves margin for diffuse anions'
-# neighbours (Cl) and for codes with longer basis tails; the cost of a GPW or plane-wave atom
+# within 1.2 meV, which is grid noise, not a trend. 12 Å leaves margin for more diffuse atoms
+# (Cl, the 3d metals) and for codes with longer basis tails; the cost of a GPW or plane-wave atom
 # grows with the box volume, so a smaller box_A is a fair saving for those codes.
 DEFAULT_BOX_A = 12.0
 ISOLATED_CP2K_EPS_SCF = 1e-4
