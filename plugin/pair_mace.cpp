@@ -54,6 +54,16 @@ constexpr const char *METADATA_NAME = "umlipft.json";
 constexpr const char *FORMAT_NAME = "umlipft-mace-lammps";
 constexpr const char *EXPORT_HINT = "create one with: umlipft export MODEL.model -o MODEL-lammps.pt";
 
+// Below half an Angstrom no chemistry happens (H2 is 0.74 A) and a model has never seen such
+// pairs: its forces are arbitrary and the run explodes. Forces above 50 eV/A do not occur in
+// MD near room temperature (stretched O-H bonds give a few eV/A); they mark a run blowing up.
+constexpr double DEFAULT_MIN_DISTANCE = 0.5;
+constexpr double DEFAULT_MAX_FORCE = 50.0;
+constexpr const char *BLOWUP_CAUSES =
+    "likely causes: a timestep too large for these atoms (0.5 fs with hydrogen), atoms "
+    "overlapping in the start structure, or the model extrapolating far outside its training "
+    "data (fine-tune it on this chemistry)";
+
 const std::array<const char *, 118> ELEMENTS = {
     "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si", "P",
     "S",  "Cl", "Ar", "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn",
@@ -127,7 +137,8 @@ class MACEModel {
 
 PairMACE::PairMACE(LAMMPS *lmp) :
     Pair(lmp), r_max(0.0), num_interactions(0), requested_mode(GraphMode::AUTO),
-    active_mode(GraphMode::OWNED), use_cuda(false)
+    active_mode(GraphMode::OWNED), use_cuda(false), min_distance(DEFAULT_MIN_DISTANCE),
+    max_force(DEFAULT_MAX_FORCE)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -161,11 +172,32 @@ void PairMACE::allocate()
 }
 
 /* ----------------------------------------------------------------------
-   pair_style mace [graph auto|owned|ghost]
+   pair_style mace [graph auto|owned|ghost] [device cpu|cuda] [min_distance D] [max_force F]
 ------------------------------------------------------------------------- */
 
 void PairMACE::settings(int narg, char **arg)
 {
+  // A repeated pair_style line starts from the defaults, like a new one.
+  requested_mode = GraphMode::AUTO;
+  use_cuda = false;
+  min_distance = DEFAULT_MIN_DISTANCE;
+  max_force = DEFAULT_MAX_FORCE;
+
+  // A length or force limit: a number >= 0, or 'off' (= 0, no check).
+  auto limit = [&](int iarg, const char *keyword, const char *unit, const char *example) {
+    if (iarg + 1 >= narg)
+      error->all(FLERR, "pair_style mace: keyword '{}' needs a value in {} (0 or off: no check), e.g. {} {}",
+                 keyword, unit, keyword, example);
+    const std::string value = arg[iarg + 1];
+    if (value == "off") return 0.0;
+    if (!utils::is_double(value) || std::stod(value) < 0.0)
+      error->all(FLERR,
+                 "pair_style mace: '{} {}' is not a limit: give a number >= 0 in {} (0 or off: "
+                 "no check), e.g. {} {}",
+                 keyword, value, unit, keyword, example);
+    return std::stod(value);
+  };
+
   int iarg = 0;
   while (iarg < narg) {
     if (strcmp(arg[iarg], "graph") == 0) {
@@ -193,11 +225,17 @@ void PairMACE::settings(int narg, char **arg)
                    "build the plugin against a CUDA libtorch (see README) or use device cpu");
       use_cuda = (value == "cuda");
       iarg += 2;
+    } else if (strcmp(arg[iarg], "min_distance") == 0) {
+      min_distance = limit(iarg, "min_distance", "Angstrom", "0.5");
+      iarg += 2;
+    } else if (strcmp(arg[iarg], "max_force") == 0) {
+      max_force = limit(iarg, "max_force", "eV/Angstrom", "50");
+      iarg += 2;
     } else {
       error->all(FLERR,
                  "pair_style mace: unknown keyword '{}'; the syntax is 'pair_style mace "
-                 "[graph auto|owned|ghost] [device cpu|cuda]' and the model is given with "
-                 "pair_coeff",
+                 "[graph auto|owned|ghost] [device cpu|cuda] [min_distance D] [max_force F]' "
+                 "and the model is given with pair_coeff",
                  arg[iarg]);
     }
   }
@@ -368,6 +406,8 @@ void PairMACE::init_style()
   neighbor->add_request(this, flags);
 
   if (comm->me == 0) {
+    utils::logmesg(lmp, "pair_style mace: min_distance {} A, max_force {} eV/A{}\n", min_distance,
+                   max_force, (min_distance > 0.0 || max_force > 0.0) ? "" : " (checks off)");
     if (active_mode == GraphMode::OWNED)
       utils::logmesg(lmp, "pair_style mace: owned-atom graph with periodic shifts (1 MPI rank)\n");
     else
@@ -519,6 +559,131 @@ void PairMACE::check_finite(const char *what, tagint bad_tag_local)
                what, update->ntimestep, bad_tag);
 }
 
+/* ----------------------------------------------------------------------
+   Closest neighbour (graph edge) of one atom, for the messages; -1 if it has none.
+------------------------------------------------------------------------- */
+
+double PairMACE::nearest_neighbour(int atom_index, tagint &neighbour_tag,
+                                   std::string &neighbour_element) const
+{
+  double best = -1.0;
+  int other = -1;
+  const double *r = edge_vector.data();
+  for (std::size_t e = 0; e < edge_atom_receiver.size(); ++e) {
+    const int recv = edge_atom_receiver[e], send = edge_atom_sender[e];
+    if (recv != atom_index && send != atom_index) continue;
+    const double d2 = r[3 * e] * r[3 * e] + r[3 * e + 1] * r[3 * e + 1] + r[3 * e + 2] * r[3 * e + 2];
+    if (best < 0.0 || d2 < best) {
+      best = d2;
+      other = (recv == atom_index) ? send : recv;
+    }
+  }
+  if (other < 0) return -1.0;
+  neighbour_tag = atom->tag[other];
+  neighbour_element = type_element[atom->type[other]];
+  return std::sqrt(best);
+}
+
+/* ----------------------------------------------------------------------
+   At the start of a run: refuse atom pairs closer than min_distance, naming the closest.
+   The graph edges are every pair within r_max, so this costs one pass over them.
+------------------------------------------------------------------------- */
+
+void PairMACE::check_min_distance()
+{
+  const tagint *tag = atom->tag;
+  const double *r = edge_vector.data();
+  const double limit2 = min_distance * min_distance;
+  struct {
+    double d2;
+    int rank;
+  } mine{std::numeric_limits<double>::max(), comm->me}, closest{};
+  bigint count_local = 0, count = 0;
+  tagint pair[2] = {0, 0};
+  for (std::size_t e = 0; e < edge_atom_receiver.size(); ++e) {
+    // Owned receivers only (the ghost graph also links ghosts); each pair once by atom ID.
+    if (edge_receiver[e] >= n_local_nodes) continue;
+    const double d2 = r[3 * e] * r[3 * e] + r[3 * e + 1] * r[3 * e + 1] + r[3 * e + 2] * r[3 * e + 2];
+    if (d2 >= limit2) continue;
+    const tagint a = tag[edge_atom_receiver[e]], b = tag[edge_atom_sender[e]];
+    if (a > b) continue;
+    ++count_local;
+    if (d2 < mine.d2) {
+      mine.d2 = d2;
+      pair[0] = a;
+      pair[1] = b;
+    }
+  }
+  MPI_Allreduce(&count_local, &count, 1, MPI_LMP_BIGINT, MPI_SUM, world);
+  if (count == 0) return;
+  MPI_Allreduce(&mine, &closest, 1, MPI_DOUBLE_INT, MPI_MINLOC, world);
+  MPI_Bcast(pair, 2, MPI_LMP_TAGINT, closest.rank, world);
+  const double distance = std::sqrt(closest.d2);
+  error->all(FLERR,
+             "pair_style mace: atoms {} and {} are {:.3f} A apart at step {} ({} pair(s) closer "
+             "than min_distance {} A); overlapping atoms make the model's forces meaningless "
+             "and the run explodes. Fix the structure (duplicated atoms, wrong cell or units, "
+             "atoms placed by hand), or if such pairs are intended lower the limit: "
+             "'pair_style mace ... min_distance {:.2f}' (0 turns the check off)",
+             pair[0], pair[1], distance, update->ntimestep, count, min_distance,
+             0.9 * distance);
+}
+
+/* ----------------------------------------------------------------------
+   During a run: stop on a force above max_force, naming the atom and its closest neighbour.
+   Owned graph: the atoms' full forces. Ghost graph: what this rank adds to each node before
+   LAMMPS sums the ghost parts onto their owners, which shows a blow-up just as well.
+------------------------------------------------------------------------- */
+
+void PairMACE::check_max_force()
+{
+  double **f = atom->f;
+  struct {
+    double f2;
+    int rank;
+  } mine{0.0, comm->me}, largest{};
+  int worst = -1;
+  for (std::size_t n = 0; n < node_to_atom.size(); ++n) {
+    const int i = node_to_atom[n];
+    const double f2 = f[i][0] * f[i][0] + f[i][1] * f[i][1] + f[i][2] * f[i][2];
+    if (f2 > mine.f2) {
+      mine.f2 = f2;
+      worst = i;
+    }
+  }
+  MPI_Allreduce(&mine, &largest, 1, MPI_DOUBLE_INT, MPI_MAXLOC, world);
+  if (largest.f2 <= max_force * max_force) return;
+
+  // The rank holding the atom describes it; every rank stops with the same message.
+  tagint ids[2] = {0, 0};
+  double distance = -1.0;
+  std::string element = "?", neighbour_element = "?";
+  if (comm->me == largest.rank && worst >= 0) {
+    ids[0] = atom->tag[worst];
+    element = type_element[atom->type[worst]];
+    distance = nearest_neighbour(worst, ids[1], neighbour_element);
+  }
+  MPI_Bcast(ids, 2, MPI_LMP_TAGINT, largest.rank, world);
+  MPI_Bcast(&distance, 1, MPI_DOUBLE, largest.rank, world);
+  char symbols[2][8] = {};
+  if (comm->me == largest.rank) {
+    std::strncpy(symbols[0], element.c_str(), 7);
+    std::strncpy(symbols[1], neighbour_element.c_str(), 7);
+  }
+  MPI_Bcast(&symbols[0][0], 16, MPI_CHAR, largest.rank, world);
+  const std::string neighbour =
+      distance < 0.0 ? std::string("it has no neighbour within the cutoff")
+                     : fmt::format("its closest neighbour, atom {} ({}), is {:.3f} A away", ids[1],
+                                   symbols[1], distance);
+  error->all(FLERR,
+             "pair_style mace: watchdog: a force of {:.4g} eV/A on atom {} ({}) at step {} "
+             "exceeds max_force {} eV/A; {}. The run is blowing up; {}. If such forces are "
+             "expected, raise the limit: 'pair_style mace ... max_force {:.0f}' (0 turns the "
+             "watchdog off)",
+             std::sqrt(largest.f2), ids[0], symbols[0], update->ntimestep, max_force, neighbour,
+             BLOWUP_CAUSES, 2.0 * std::sqrt(largest.f2));
+}
+
 /* ---------------------------------------------------------------------- */
 
 void PairMACE::compute(int eflag, int vflag)
@@ -536,6 +701,8 @@ void PairMACE::compute(int eflag, int vflag)
   }
 
   build_graph();
+  // setupflag: the force call that starts each run (and 'run 0'), before any step is taken.
+  if (update->setupflag && min_distance > 0.0) check_min_distance();
   const int64_t nnodes = static_cast<int64_t>(node_to_atom.size());
   const int64_t nedges = static_cast<int64_t>(edge_sender.size());
 
@@ -577,7 +744,10 @@ void PairMACE::compute(int eflag, int vflag)
     }
     check_finite("the model returned a non-finite energy or force", bad);
   }
-  if (nnodes == 0) return;
+  if (nnodes == 0) {
+    if (watchdog_active()) check_max_force();    // collective
+    return;
+  }
 
   if (eflag_global) eng_vdwl += energy;
   if (eflag_atom) {
@@ -611,6 +781,19 @@ void PairMACE::compute(int eflag, int vflag)
         }
     }
   }
+
+  if (watchdog_active()) check_max_force();
+}
+
+/* ----------------------------------------------------------------------
+   The force watchdog guards dynamics, including the forces of the first step's setup (they
+   give the first kick); a single point ('run 0') or a minimisation may hold any forces.
+------------------------------------------------------------------------- */
+
+bool PairMACE::watchdog_active() const
+{
+  if (max_force <= 0.0) return false;
+  return !update->setupflag || (update->whichflag == 1 && update->nsteps > 0);
 }
 
 /* ---------------------------------------------------------------------- */

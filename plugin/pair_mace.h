@@ -41,6 +41,10 @@ class PairMACE : public Pair {
   GraphMode requested_mode;
   GraphMode active_mode;
   bool use_cuda;
+  // Safety checks (pair_style keywords; 0 turns each off): atom pairs closer than min_distance
+  // (A) at the start of a run, and forces above max_force (eV/A) during it.
+  double min_distance;
+  double max_force;
 
   std::vector<int> type_to_species;    // per LAMMPS type: index into the model's elements, -1 = NULL
   std::vector<std::string> type_element;
@@ -64,6 +68,10 @@ class PairMACE : public Pair {
   void allocate();
   void build_graph();
   void check_finite(const char *what, tagint bad_tag_local);
+  void check_min_distance();
+  void check_max_force();
+  bool watchdog_active() const;
+  double nearest_neighbour(int atom_index, tagint &neighbour_tag, std::string &neighbour_element) const;
 };
 
 }    // namespace LAMMPS_NS
