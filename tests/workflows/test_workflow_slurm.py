@@ -4,6 +4,7 @@ and the two state mechanisms the parallel jobs rely on (--only, merged saves). N
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import shutil
@@ -159,7 +160,7 @@ def test_jobs_run_only_their_strategy_and_stages(study):
 
 
 def test_devices_and_threads(study):
-    config, _, scripts = study
+    config, submit, scripts = study
     for job, text in scripts.items():
         assert f"#SBATCH --cpus-per-task={config.slurm.cpus_per_task}" in text
         assert f"export OMP_NUM_THREADS={config.slurm.cpus_per_task}\n" in text
@@ -176,6 +177,9 @@ def test_devices_and_threads(study):
             assert gpus, job
         if "-label" in job or job in ("start", "naive-pool", "report"):
             assert not gpus, job
+    # every job reads the configuration as given, but for MD on the GPUs the MD jobs request
+    written = load_workflow_config(submit.parent.parent / "workflow-input.yaml")
+    assert written == dataclasses.replace(config, md=dataclasses.replace(config.md, device="cuda"))
     # the MPI ensemble reads the same configuration, so its md.yaml gets device cuda too
     mpi = _commands(scripts["naive-md"])
     assert mpi[0][:3] == [sys.executable, "-m", "umlipft.workflows.slurm"]

@@ -9,7 +9,6 @@ import pytest
 
 from umlipft.errors import ConfigError, StateError
 from umlipft.workflows.config import load_workflow_config
-from umlipft.workflows.slurm import stage_plan, write_slurm_scripts
 from umlipft.workflows.state import WorkflowState
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -93,20 +92,3 @@ def test_profiles_examples_and_config_errors(tmp_path: Path) -> None:
     bad.write_text("finetune: {start_from: yesterday}\n")
     with pytest.raises(ConfigError, match="start_from"):
         load_workflow_config(bad)
-
-
-def test_slurm_scripts_chain_every_stage(tmp_path: Path) -> None:
-    config = load_workflow_config(EXAMPLES / "workflow-study.yaml")
-    plan = stage_plan(("naive", "periodic"), config, judge=True)
-    assert plan[0] == ("start", "start") and plan[-1] == ("judge", "report-naive-periodic")
-    assert ("naive-md", "naive/md") in plan and ("periodic-ft-05", "periodic/ft-05") in plan
-    submit = write_slurm_scripts("compare", ("naive", "periodic"), config, tmp_path / "wf", config_path=None)
-    scripts = sorted((tmp_path / "wf" / "slurm").glob("*.sbatch"))
-    assert len(scripts) == len(plan)
-    naive_md = next(p for p in scripts if "naive-md" in p.name).read_text()
-    assert "#SBATCH --ntasks=5" in naive_md and "srun umlipft md --config" in naive_md
-    assert "--until naive/md" in naive_md
-    text = submit.read_text()
-    assert text.count("sbatch --parsable") == len(plan) and "afterok" in text
-    cfg = load_workflow_config(tmp_path / "wf" / "workflow-input.yaml")
-    assert cfg == config  # every job reads exactly this configuration
