@@ -350,6 +350,19 @@ def _time(steps: int, timestep_fs: float) -> str:
     return f"{fs:g} fs"
 
 
+# What each E0 policy predicts for the first fine-tune's starting model, before any label
+# exists; each fine-tune then computes it on its own frames (see umlipft.finetune.e0).
+EXPECTED_START_ERROR = {
+    "foundation": "the foundation's own error on this chemistry (a few to tens of meV/atom for labels on its "
+                  "training scale)",
+    "isolated-atoms-fitted": "the residual of a per-element least-squares fit on the training frames: near 0 "
+                             "meV/atom for one composition",
+    "estimated": "the residual of a per-element least-squares fit on the training frames: near 0 meV/atom for "
+                 "one composition",
+    "isolated-atoms": "eV per atom (MACE-MP's E0s are fitted values, not isolated-atom energies)",
+}
+
+
 def describe(plan: Plan) -> list[str]:
     config = plan.config
     md, ev, ft = config.md, config.evaluation, config.finetune
@@ -365,6 +378,7 @@ def describe(plan: Plan) -> list[str]:
                 if config.selection == "stride" else f"chosen by {config.selection} (seed {config.seed})"),
              f"  labeller: {config.label.calculator} ({config.label.processes} frame(s) at a time)",
              f"  E0 policy: {plan.e0_policy} — {plan.e0_reason}",
+             f"  predicted starting error: {EXPECTED_START_ERROR.get(plan.e0_policy or '', 'decided from the data')}",
              "  E0s: " + ("the labeller's isolated-atom energies of every element, computed once (stage "
                           "e0/isolated-atoms) and shared by every fine-tune; " if plan.e0_isolated_atoms else "")
              + "each fine-tune predicts its starting error under every E0 policy from its labelled frames "
