@@ -35,6 +35,9 @@ def test_one_epoch_finetune_writes_model_and_export(finetuned: tuple[FinetuneCon
     assert result.model_path.is_file() and result.lammps_model_path is not None
     assert result.n_train == 2 and result.n_valid == 1 and result.n_replay == 0 and result.mode == "naive"
     assert result.epochs == 1 and len(result.epoch_times_s) == 1
+    # The model is mace-torch's checkpoint of epoch 1, and its validation errors are reported.
+    assert result.model_epoch == 1 and not result.valid_is_train
+    assert result.final_valid_rmse_e_meV_per_atom is not None and result.final_valid_rmse_f_meV_per_A is not None
     model = load_mace_model(result.model_path)
     assert sorted(model.atomic_numbers.tolist()) == [1, 3, 8, 17, 27]
     meta = read_export_metadata(result.lammps_model_path)
@@ -58,6 +61,7 @@ def test_one_epoch_finetune_writes_model_and_export(finetuned: tuple[FinetuneCon
     assert all(len(a) > 1 and "REF_energy" in a.info for a in prepared)
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["seed"] == 123
+    assert summary["results"]["resumed_from_epoch"] is None and "--restart_latest" not in summary["results"]["mace_arguments"]
 
 
 @pytest.mark.slow
@@ -72,7 +76,7 @@ def test_rerun_of_finished_finetune_does_nothing(finetuned: tuple[FinetuneConfig
     rc = main(["finetune", "--foundation", config.foundation, "--train", config.train_file,
                "--valid", str(config.valid_file), "-o", config.output_dir, "--epochs", "1", "--dtype", "float32"])
     out = capsys.readouterr().out
-    assert rc == 0 and "nothing to do" in out
+    assert rc == 0 and "nothing to do" in out and "on 1 validation frames" in out
 
 
 @pytest.mark.slow

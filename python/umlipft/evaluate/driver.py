@@ -206,7 +206,7 @@ def evaluate_model(model: "str | Path | ModelEvaluator", frames: "str | Path | S
         atoms_list = list(frames)
         require_reference_labels(atoms_list, frames_path, energy_key=energy_key, forces_key=forces_key)
     evaluator.check_elements(atoms_list, frames_path)
-    predictions = evaluator.predict(atoms_list, progress=progress)
+    predictions = evaluator.predict(atoms_list, progress=progress, source=frames_path)
     summary, rows = compare(predictions, atoms_list, energy_key=energy_key, forces_key=forces_key,
                             stress_key=stress_key, step_key=step_key)
     return EvaluationReport(
@@ -239,7 +239,7 @@ def cross_evaluate(models: "Mapping[str, str | Path | ModelEvaluator]", frames: 
             def step(done: int, total: int, _m: str = mname, _f: str = fname) -> None:
                 if progress is not None:
                     progress(_m, _f, done, total)
-            predictions = evaluator.predict(atoms_list, progress=step)
+            predictions = evaluator.predict(atoms_list, progress=step, source=str(frames[fname]))
             summary, rows = compare(predictions, atoms_list, energy_key=energy_key,
                                     forces_key=forces_key, stress_key=stress_key)
             reports.append(EvaluationReport(

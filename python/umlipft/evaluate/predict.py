@@ -27,6 +27,14 @@ class Prediction:
     stress_eV_per_A3: np.ndarray  # Voigt 6, ASE sign
 
 
+def _first_bad(values: np.ndarray) -> str:
+    flat = np.asarray(values, dtype=float).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if values.ndim == 2:  # forces: name the atom
+        return f"{flat[bad[0]]} on atom {bad[0] // values.shape[1]}, {len(bad)} non-finite component(s)"
+    return f"{flat[bad[0]]}" + (f", {len(bad)} non-finite component(s)" if flat.size > 1 else "")
+
+
 @contextmanager
 def _keep_default_dtype() -> Iterator[None]:
     # MACECalculator sets torch's global default dtype; callers (a workflow running several
@@ -76,6 +84,16 @@ class ModelEvaluator:
                     "every element of the frames"
                 )
 
+    def _require_finite(self, index: int, source: str | None, **values: np.ndarray) -> None:
+        bad = {name: v for name, v in values.items() if not np.all(np.isfinite(v))}
+        if not bad:
+            return
+        where = f"frame {index} of {source}" if source else f"frame {index}"
+        what = "; ".join(f"{name} {_first_bad(v)}" for name, v in bad.items())
+        raise InputError(
+            f"model {self.path} predicts non-finite values for {where} ({what}): the model is broken "
+            "(NaN or Inf weights, e.g. from a diverged fine-tune, or a damaged file). Use another model")
+
     def _calculator(self):
         if self._calc is None:
             import warnings
@@ -88,8 +106,12 @@ class ModelEvaluator:
                                             default_dtype=self.dtype, head=self.head)
         return self._calc
 
-    def predict(self, frames: "Sequence[Atoms]",
-                progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
+    def predict(self, frames: "Sequence[Atoms]", progress: Callable[[int, int], None] | None = None,
+                source: str | None = None) -> list[Prediction]:
+        """Energy, forces and (periodic frames) stress of every frame. InputError naming the model,
+        ``source`` (the frames' file) and the frame if the model predicts a NaN or Inf: such a
+        model is broken (a diverged fine-tune, a damaged file), and no error metric of it means
+        anything."""
         results: list[Prediction] = []
         with _keep_default_dtype():
             calc = self._calculator()
@@ -98,8 +120,10 @@ class ModelEvaluator:
                 work.calc = calc
                 energy = float(work.get_potential_energy())
                 forces = np.array(work.get_forces(), dtype=float)
-                stress = (np.array(work.get_stress(voigt=True), dtype=float)
-                          if work.pbc.all() else np.full(6, np.nan))
+                periodic = bool(work.pbc.all())
+                stress = np.array(work.get_stress(voigt=True), dtype=float) if periodic else np.full(6, np.nan)
+                self._require_finite(i, source, energy=np.array([energy]), forces=forces,
+                                     stress=stress if periodic else np.zeros(6))
                 results.append(Prediction(energy, forces, stress))
                 if progress is not None:
                     progress(i + 1, len(frames))

@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "own isolated-atom energies plus a fitted correction for CP2K, xTB or Quantum ESPRESSO "
         "labels (--isolated-atoms-file, from 'umlipft label --isolated-atoms'), decided from the "
         "data when the labeller is unknown; the summary records the choice and why. Isolated-atom "
-        "frames are never trained on. Rerunning the same command resumes or does nothing.",
+        "frames are never trained on. Rerunning the same command does nothing when the fine-tune "
+        "finished and trains an interrupted one again from epoch 1 (same seed, same model). A "
+        "diverged training (non-finite loss) stops with an error and writes no model.",
     )
     parser.add_argument("--foundation", help="foundation model: a name (small, ...) or a .model file (default small)")
     parser.add_argument("--train", dest="train_file", help="labelled training frames (extxyz)")
@@ -53,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-export", dest="export", action="store_false", default=None)
     parser.add_argument("--mace-plots", dest="mace_plots", action="store_true", default=None,
                         help="let mace-torch plot the fit after training (evaluates every frame once more)")
+    parser.add_argument("--resume-from-checkpoint", dest="resume_from_checkpoint", action="store_true", default=None,
+                        help="continue an interrupted fine-tune from mace-torch's checkpoint (cheaper, but the "
+                        "model differs from an uninterrupted run's; default: train it again from epoch 1)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="torch device (default cpu)")
     parser.add_argument("--energy-key")
@@ -65,7 +70,8 @@ _KEYS = ("foundation", "train_file", "valid_file", "replay_file", "output_dir", 
          "isolated_atoms_file", "labeller",
          "accept_large_start_error", "max_start_error_meV_per_atom", "epochs", "batch_size", "lr",
          "energy_weight", "forces_weight", "stress_weight", "new_frames_weight", "dtype",
-         "export_dtype", "export", "mace_plots", "seed", "device", "energy_key", "forces_key", "stress_key")
+         "export_dtype", "export", "mace_plots", "seed", "device", "resume_from_checkpoint",
+         "energy_key", "forces_key", "stress_key")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -88,5 +94,6 @@ def _run(args: argparse.Namespace) -> int:
     table = ", ".join(f"{p} {v['rmse_meV_per_atom']:.1f}" for p, v in e0.get("start_errors", {}).items())
     if table:
         print(f"  predicted starting error by policy (meV/atom): {table}")
+    print(result.describe_validation())
     print(f"wrote {result.model_path}" + (f" and {result.lammps_model_path}" if result.lammps_model_path else ""))
     return 0

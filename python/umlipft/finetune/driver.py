@@ -15,6 +15,15 @@ Layout of ``output_dir``::
     NAME.model              the fine-tuned mace-torch model (written when training finished)
     NAME-lammps-DTYPE.pt    its export for pair_style mace
     result.json, summary.json
+
+The driver follows the training through mace-torch's metrics file (``mace/results/
+NAME_run-SEED_train.txt``, one JSON record per training step and per validation), not its log
+text: the second E0 check, the progress and the divergence check read it, and a record that is
+missing or has changed shape stops the fine-tune naming the mace-torch version (fail closed).
+
+An interrupted fine-tune cannot be continued exactly from mace-torch's checkpoints (see
+:data:`INEXACT_RESUME`), so by default a rerun trains it again from epoch 0 with the same seed,
+and says so; ``resume_from_checkpoint: true`` continues from mace-torch's checkpoint instead.
 """
 
 from __future__ import annotations
@@ -22,11 +31,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -34,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..config import DriverConfig
-from ..errors import ConfigError, ExternalProgramError, InputError, StateError
+from ..errors import ConfigError, ExternalProgramError, InputError, StateError, UmlipftError
 from ..io import (REF_ENERGY_KEY, REF_FORCES_KEY, REF_STRESS_KEY, atomic_path, atomic_write_text, sha256_file,
                   read_frames, reference_energy, reference_forces, reference_stress,
                   require_reference_labels, write_frames)
@@ -48,11 +60,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Settings that may change between a run and its rerun without invalidating the checkpoints:
-# more epochs continue the same training; the rest do not touch the trained weights (the E0
-# guard's settings only decide whether to start; the E0s themselves follow from e0s and data).
+# Settings that may change between a run and its rerun in the same output: another number of
+# epochs trains again (or continues, with resume_from_checkpoint); the rest do not touch the
+# trained weights (the E0 guard's settings only decide whether to start; the E0s themselves
+# follow from e0s and data).
 _RESUMABLE_KEYS = frozenset({"epochs", "output_dir", "export_dtype", "export", "e0_check_frames",
-                             "max_start_error_meV_per_atom", "accept_large_start_error", "mace_plots"})
+                             "max_start_error_meV_per_atom", "accept_large_start_error", "mace_plots",
+                             "resume_from_checkpoint"})
+
+# The mace-torch release whose metrics records and checkpoints this driver was written against
+# (messages name it when the installed release writes something else).
+MACE_TESTED_VERSION = "0.3.16"
+
+# Why a rerun does not continue from mace-torch's checkpoint by default (read off mace-torch
+# 0.3.16's tools/train.py and cli/run_train.py).
+INEXACT_RESUME = (
+    "mace-torch cannot continue an interrupted fine-tune exactly: it saves a checkpoint only when "
+    "the validation loss improves, and with the EMA weights in place of the trained ones (the EMA "
+    "state itself is not saved); a restart trains the checkpoint's epoch again, skips one "
+    "learning-rate scheduler step and replays the data order from the first epoch's")
+
+# Shown beside every validation figure of a fine-tune whose few frames left none to validate on.
+NO_VALIDATION_SPLIT = "(training frames: no validation split)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +98,11 @@ class FinetuneConfig(DriverConfig):
     ``isolated_atoms_file`` holds the labeller's isolated-atom energies (IsolatedAtom frames,
     e.g. ``umlipft label --isolated-atoms`` output) for the isolated-atoms(-fitted) policies;
     IsolatedAtom frames in the training file serve too.
+
+    ``resume_from_checkpoint``: false (default) trains an interrupted fine-tune again from epoch
+    0 with the same seed, so that its model is the one an uninterrupted run gives; true continues
+    from mace-torch's checkpoint (cheaper for long trainings, but the model differs, see
+    :data:`INEXACT_RESUME`; the summary records the epoch it resumed from).
     """
 
     train_file: str = ""
@@ -106,6 +140,7 @@ class FinetuneConfig(DriverConfig):
     mace_plots: bool = False
     seed: int = 123
     device: str = "cpu"
+    resume_from_checkpoint: bool = False
     energy_key: str = REF_ENERGY_KEY
     forces_key: str = REF_FORCES_KEY
     stress_key: str = REF_STRESS_KEY
@@ -144,6 +179,17 @@ class EpochProgress:
     valid_rmse_e_meV_per_atom: float | None
     valid_rmse_f_meV_per_A: float | None
     seconds: float  # wall time of this epoch (training + validation)
+    valid_is_train: bool = False  # the "validation" frames are the training frames (no split)
+
+    def describe(self) -> str:
+        """One progress line, saying when the validation figures are training-frame figures."""
+        split = f" {NO_VALIDATION_SPLIT}" if self.valid_is_train else ""
+        return (f"epoch {self.epoch}/{self.epochs}: valid RMSE E {_fmt(self.valid_rmse_e_meV_per_atom, 2)} "
+                f"meV/atom, F {_fmt(self.valid_rmse_f_meV_per_A, 1)} meV/Å{split} ({self.seconds:.1f} s/epoch)")
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,15 +205,26 @@ class FinetuneResult:
     epochs: int
     epoch_times_s: tuple[float, ...]  # this invocation's epochs only (empty when nothing ran)
     initial_valid_rmse_e_meV_per_atom: float | None
+    # Validation errors of the model written (mace-torch keeps the epoch of lowest validation
+    # loss, model_epoch, which need not be the last one).
     final_valid_rmse_e_meV_per_atom: float | None
     final_valid_rmse_f_meV_per_A: float | None
     skipped: bool  # True when the output already held this finished fine-tune
+    valid_is_train: bool = False  # no validation split: the "validation" figures are on training frames
+    model_epoch: int | None = None  # 1-based epoch whose weights the model holds
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for key in ("model_path", "lammps_model_path", "output_dir"):
             d[key] = str(d[key]) if d[key] is not None else None
         return d
+
+    def describe_validation(self) -> str:
+        """The written model's validation errors in one line (what the CLI prints)."""
+        where = NO_VALIDATION_SPLIT if self.valid_is_train else f"on {self.n_valid} validation frames"
+        epoch = f"epoch {self.model_epoch} of {self.epochs}" if self.model_epoch else f"{self.epochs} epochs"
+        return (f"model ({epoch}): valid RMSE E {_fmt(self.final_valid_rmse_e_meV_per_atom, 2)} meV/atom, "
+                f"F {_fmt(self.final_valid_rmse_f_meV_per_A, 1)} meV/Å {where}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneResult":
@@ -234,15 +291,19 @@ def _read_labelled(path: str, cfg: FinetuneConfig, what: str) -> "tuple[list[Ato
 
 
 def _split(frames: "list[Atoms]", fraction: float, seed: int) -> "tuple[list[Atoms], list[Atoms]]":
-    """Seeded train/valid split. Fewer than 5 frames cannot spare any: validate on the training
-    frames (mace-torch needs a validation set), which the result records."""
+    """Seeded train/valid split: mace-torch's own (``--valid_fraction``), so that a fine-tune
+    trains on the same frames in the same order as ``mace_run_train`` on the same file with the
+    same seed (the order matters: it seeds the batches). Fewer than 5 frames cannot spare any:
+    validate on the training frames (mace-torch needs a validation set), which the result and
+    every printed validation figure say."""
+    from mace.data.utils import random_train_valid_split
+
     if len(frames) < 5:
         return frames, list(frames)
-    n_valid = max(1, int(round(fraction * len(frames))))
-    order = np.random.default_rng(seed).permutation(len(frames))
-    valid_idx = set(order[:n_valid].tolist())
-    return ([a for i, a in enumerate(frames) if i not in valid_idx],
-            [a for i, a in enumerate(frames) if i in valid_idx])
+    # mace-torch writes the indices of a large validation set into its work_dir; not needed here.
+    with tempfile.TemporaryDirectory() as scratch:
+        train, valid = random_train_valid_split(frames, fraction, seed, scratch)
+    return list(train), list(valid)
 
 
 def _labels_from(frames: "Sequence[Atoms]") -> set[str | None]:
@@ -369,20 +430,27 @@ def _check_request(out: Path, request: dict[str, Any]) -> dict[str, Any] | None:
 # mace-torch
 
 
-_VALID_LINE = re.compile(
-    r"(?P<tag>Initial|Epoch (?P<epoch>\d+)): head: (?P<head>\S+), loss=\s*\S+, "
-    r"RMSE_E_per_atom=\s*(?P<e>[-\d.naninf]+) meV, RMSE_F=\s*(?P<f>[-\d.naninf]+) meV")
-
-
 def mace_arguments(cfg: FinetuneConfig, foundation_path: Path, data_dir: Path, work_dir: Path,
-                   e0: E0Decision, prepared: _Prepared) -> list[str]:
-    """The ``mace.cli.run_train`` command line for this fine-tune."""
+                   e0: E0Decision, prepared: _Prepared, *, resume: bool = False) -> list[str]:
+    """The ``mace.cli.run_train`` command line for this fine-tune (``resume``: continue from
+    mace-torch's checkpoint in ``work_dir``).
+
+    Everything not given here is mace-torch's default, as for ``mace_run_train`` by hand: Adam
+    with AMSGrad, weight decay 5e-7, ReduceLROnPlateau, gradient clipping at 10, the model of the
+    lowest validation loss. The differences from a hand-run with the same settings: the split
+    is made here (by mace-torch's own function, so the frames and their order are the same),
+    isolated-atom frames are left out (the E0s are decided first, see :mod:`.e0`), the loss
+    includes stress when every frame has one, and the validation batch is at most the training
+    batch (memory; the metrics do not depend on it)."""
     # mace-torch drops the last incomplete batch: a batch larger than the data means no step.
     batch = min(cfg.batch_size, len(prepared.train))
     args = [
         "--name", cfg.name,
         "--seed", str(cfg.seed),
         "--work_dir", str(work_dir),
+        # Named, not left to mace-torch's defaults: the driver reads the metrics and checkpoints.
+        "--results_dir", str(work_dir / "results"),
+        "--checkpoints_dir", str(work_dir / "checkpoints"),
         "--device", cfg.device,
         "--default_dtype", cfg.dtype,
         "--foundation_model", str(foundation_path),  # a path: mace-torch never downloads it
@@ -405,7 +473,7 @@ def mace_arguments(cfg: FinetuneConfig, foundation_path: Path, data_dir: Path, w
         "--amsgrad",
         "--num_workers", "0",
         "--save_cpu",
-        "--restart_latest",
+        *(["--restart_latest"] if resume else []),
         "--keep_isolated_atoms", "False",
         "--log_level", "INFO",
         "--plot", str(bool(cfg.mace_plots)),
@@ -423,63 +491,211 @@ def mace_arguments(cfg: FinetuneConfig, foundation_path: Path, data_dir: Path, w
     return args
 
 
-def _run_mace(args: list[str], log_path: Path, cfg: FinetuneConfig, start_epoch: int,
-              progress: Callable[[EpochProgress], None] | None) -> tuple[list[float], list[tuple[float | None, float | None]], float | None]:
-    """Run mace-torch's training, following its validation lines for progress and the start guard."""
-    # -u: mace-torch logs to stdout; block buffering would hold progress and the start guard
-    # back until the end of training.
-    cmd = [sys.executable, "-u", "-m", "mace.cli.run_train", *args]
+def mace_version() -> str:
+    """The installed mace-torch release (for messages and the summary)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mace-torch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _format_changed(what: str, path: Path) -> ExternalProgramError:
+    """Fail closed: what the driver checks is missing from mace-torch's output."""
+    return ExternalProgramError(
+        f"{what} in {path}. umlipft follows a fine-tune through the metrics records that mace-torch "
+        f"{MACE_TESTED_VERSION} writes there (one JSON object per line: mode 'opt' with the training loss "
+        "of each step, mode 'eval' with rmse_e_per_atom and rmse_f of each validation); the installed "
+        f"mace-torch {mace_version()} wrote something else, so the E0 check, the progress and the "
+        "divergence check cannot be made: the fine-tune was stopped. Install mace-torch "
+        f"{MACE_TESTED_VERSION} (pip install mace-torch=={MACE_TESTED_VERSION})")
+
+
+def _number(record: dict[str, Any], key: str, path: Path, line: int) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _format_changed(f"line {line}: a mode {record.get('mode')!r} record without a number "
+                              f"under {key!r} (got {value!r})", path)
+    return float(value)
+
+
+class TrainingMonitor:
+    """Reads mace-torch's metrics records as they are written and acts on them: the second E0
+    check on the starting model's validation errors (the ``Initial`` evaluation), progress after
+    every epoch, and a stop at the first non-finite training loss or validation error.
+
+    ``start_epoch`` is the 0-based epoch mace-torch starts training at (0, or the checkpoint's
+    epoch when resuming); ``guard`` applies the start-error limit (not to a resumed model)."""
+
+    def __init__(self, cfg: FinetuneConfig, path: Path, *, start_epoch: int = 0, guard: bool = True,
+                 valid_is_train: bool = False, offset: int = 0,
+                 progress: Callable[[EpochProgress], None] | None = None) -> None:
+        self.cfg = cfg
+        self.path = path
+        self.start_epoch = start_epoch
+        self.guard = guard
+        self.valid_is_train = valid_is_train
+        self.progress = progress
+        self.offset = offset  # bytes of the file already read
+        self.line = 0
+        self.head: str | None = None  # the fine-tuned head (pt_head is replay's second head)
+        self.initial: tuple[float, float] | None = None  # (E meV/atom, F meV/Å) of the user head
+        self.valid: dict[int, tuple[float, float]] = {}  # 0-based epoch -> (E, F) of the user head
+        self.steps: dict[int, int] = {}  # 0-based epoch -> training steps logged
+        self.epoch_times: list[float] = []
+        self._t_last = time.perf_counter()
+
+    def poll(self) -> None:
+        """Feed the complete lines mace-torch has appended since the last call."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self.offset += end
+        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
+            self.feed(line)
+
+    def feed(self, text: str) -> None:
+        """Act on one metrics record (one line of the file)."""
+        self.line += 1
+        if not text.strip():
+            return
+        try:
+            record = json.loads(text)  # mace-torch writes NaN and Infinity as such; json reads them
+        except ValueError:
+            raise _format_changed(f"line {self.line} is not a JSON record ({text[:80]!r})", self.path) from None
+        if not isinstance(record, dict) or "mode" not in record:
+            raise _format_changed(f"line {self.line} has no 'mode' ({text[:80]!r})", self.path)
+        if record["mode"] == "opt":
+            self._step(record)
+        elif record["mode"] == "eval":
+            self._eval(record)
+        # Other modes (a later mace-torch's additions) carry nothing this driver needs.
+
+    def _epoch_of(self, record: dict[str, Any], allow_none: bool) -> int | None:
+        epoch = record.get("epoch", "missing")
+        if epoch is None and allow_none:
+            return None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise _format_changed(f"line {self.line}: a mode {record['mode']!r} record whose 'epoch' is {epoch!r}",
+                                  self.path)
+        return epoch
+
+    def _step(self, record: dict[str, Any]) -> None:
+        epoch = self._epoch_of(record, allow_none=False)
+        assert epoch is not None
+        loss = _number(record, "loss", self.path, self.line)
+        if self.initial is None:
+            raise _format_changed(f"line {self.line}: a training step before any initial validation record "
+                                  "(the E0 check needs it)", self.path)
+        self.steps[epoch] = self.steps.get(epoch, 0) + 1
+        if not math.isfinite(loss):
+            raise self._diverged(f"the training loss of step {self.steps[epoch]} of epoch {epoch + 1} is {loss}")
+
+    def _eval(self, record: dict[str, Any]) -> None:
+        epoch = self._epoch_of(record, allow_none=True)
+        head = record.get("head")
+        if not isinstance(head, str):
+            raise _format_changed(f"line {self.line}: a validation record without a head name", self.path)
+        loss = _number(record, "loss", self.path, self.line)
+        e = _number(record, "rmse_e_per_atom", self.path, self.line) * 1000.0
+        f = _number(record, "rmse_f", self.path, self.line) * 1000.0
+        when = "before training" if epoch is None else f"after epoch {epoch + 1}"
+        if not all(math.isfinite(x) for x in (loss, e, f)):
+            raise self._diverged(f"the validation errors of head {head} {when} are not finite "
+                                 f"(loss {loss}, RMSE E {e} meV/atom, F {f} meV/Å)")
+        if head == "pt_head":
+            return  # replay's head: finite (checked above), not what the user's model is judged by
+        if self.head is None:
+            self.head = head
+        elif head != self.head:
+            raise _format_changed(f"line {self.line}: validation records of two fine-tuned heads "
+                                  f"({self.head}, {head})", self.path)
+        now = time.perf_counter()
+        if epoch is None:
+            self.initial = (e, f)
+            self._t_last = now
+            # Second E0 guard, on mace-torch's own evaluation of the model it built: the
+            # prediction of e0.decide_e0s must hold whatever mace-torch did internally.
+            if self.guard and not self.cfg.accept_large_start_error and not e <= self.cfg.max_start_error_meV_per_atom:
+                raise InputError(
+                    f"mace-torch's starting model has an energy RMSE of {e:.1f} meV/atom on the "
+                    f"validation frames, above max_start_error_meV_per_atom = "
+                    f"{self.cfg.max_start_error_meV_per_atom:g}; training stopped before the first step. "
+                    "Check the E0s (--e0s) and the reference energies, or pass --accept-large-start-error")
+            return
+        if self.initial is None:
+            raise _format_changed(f"line {self.line}: an epoch's validation record before any initial one", self.path)
+        self.valid[epoch] = (e, f)
+        self.epoch_times.append(now - self._t_last)
+        self._t_last = now
+        if self.progress is not None:
+            self.progress(EpochProgress(epoch + 1, self.cfg.epochs, e, f, self.epoch_times[-1], self.valid_is_train))
+
+    def _diverged(self, what: str) -> ExternalProgramError:
+        lr = self.cfg.lr if self.cfg.lr is not None else ("mace-torch's 1e-4" if self.cfg.replay_file else "1e-3")
+        return ExternalProgramError(
+            f"the fine-tune diverged: {what} (mace-torch's metrics, {self.path}). Training was stopped and "
+            f"no model was written. Lower the learning rate (lr {lr}), use dtype float64, and check the "
+            "reference labels and the starting model")
+
+    def check_complete(self) -> None:
+        """After mace-torch exited normally: every epoch it was to train must have logged its
+        steps and its validation; if not, its output format changed (fail closed)."""
+        if self.initial is None:
+            raise _format_changed("no initial validation record of the fine-tuned head", self.path)
+        missing = [e + 1 for e in range(self.start_epoch, self.cfg.epochs)
+                   if e not in self.valid or not self.steps.get(e)]
+        if missing:
+            raise _format_changed(f"no training steps or no validation record for epoch(s) "
+                                  f"{', '.join(map(str, missing))} of {self.cfg.epochs}", self.path)
+
+
+def _die_with_parent() -> None:
+    """In the training subprocess: exit when the driver dies (SIGKILL included), so that a
+    killed fine-tune leaves nothing writing into its output while a rerun starts (the output
+    lock is the driver's, not the subprocess's)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the driver still terminates training on every exit it sees
+
+
+def _run_mace(args: list[str], log_path: Path, monitor: TrainingMonitor, *, poll_s: float = 0.25) -> None:
+    """Run mace-torch's training, following its metrics records (see :class:`TrainingMonitor`)."""
+    cmd = [sys.executable, "-m", "mace.cli.run_train", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.update(steady_state_malloc_environment(env))
-    epoch_times: list[float] = []
-    valid_errors: list[tuple[float | None, float | None]] = []
-    initial: float | None = None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log_file:
         log_file.write(f"$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        assert proc.stdout is not None
-        t_last = time.perf_counter()
+        log_file.flush()
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
-            for line in proc.stdout:
-                log_file.write(line)
-                match = _VALID_LINE.search(line)
-                if not match or match["head"] == "pt_head":
-                    continue
-                e = float(match["e"])
-                f = float(match["f"])
-                now = time.perf_counter()
-                if match["tag"] == "Initial":
-                    initial = e
-                    t_last = now
-                    # Second E0 guard, on mace-torch's own evaluation of the model it built: the
-                    # prediction of e0.decide_e0s must hold whatever mace-torch did internally.
-                    if (not cfg.accept_large_start_error and start_epoch == 0
-                            and not e <= cfg.max_start_error_meV_per_atom):
-                        proc.terminate()
-                        proc.wait()
-                        raise InputError(
-                            f"mace-torch's starting model has an energy RMSE of {e:.1f} meV/atom on the "
-                            f"validation frames, above max_start_error_meV_per_atom = "
-                            f"{cfg.max_start_error_meV_per_atom:g}; training stopped before the first step. "
-                            "Check the E0s (--e0s) and the reference energies, or pass "
-                            "--accept-large-start-error")
-                    continue
-                epoch_times.append(now - t_last)
-                t_last = now
-                valid_errors.append((e, f))
-                if progress is not None:
-                    progress(EpochProgress(int(match["epoch"]) + 1, cfg.epochs, e, f, epoch_times[-1]))
-        except BaseException:
+            while True:
+                rc = proc.poll()
+                monitor.poll()  # after poll(): an exited process has written all its records
+                if rc is not None:
+                    break
+                time.sleep(poll_s)
+        finally:
             if proc.poll() is None:
-                proc.terminate()  # a killed driver must not leave training running
-                proc.wait()
-            raise
-        rc = proc.wait()
+                proc.terminate()  # a stopped or killed driver must not leave training running
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     if rc != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
         raise ExternalProgramError(f"mace-torch training failed (exit {rc}); see {log_path}. Last lines:\n{tail}")
-    return epoch_times, valid_errors, initial
+    monitor.check_complete()
 
 
 # glibc's default serves every large tensor with a fresh mmap() and gives freed heap back, so
@@ -495,14 +711,87 @@ def steady_state_malloc_environment(env: dict[str, str]) -> dict[str, str]:
     return {"GLIBC_TUNABLES": STEADY_STATE_MALLOC}
 
 
-def _checkpoint_epoch(work_dir: Path, cfg: FinetuneConfig) -> int:
-    """Epoch of the newest mace-torch checkpoint (0 when none): where a rerun resumes."""
-    best = 0
-    for path in (work_dir / "checkpoints").glob(f"{cfg.name}_run-{cfg.seed}_epoch-*.pt"):
-        match = re.search(r"_epoch-(\d+)\.pt$", path.name)
+def _tag(cfg: FinetuneConfig) -> str:
+    return f"{cfg.name}_run-{cfg.seed}"  # mace-torch's tools.get_tag
+
+
+def metrics_path(work_dir: Path, cfg: FinetuneConfig) -> Path:
+    """mace-torch's metrics file of this fine-tune (its MetricsLogger: results/TAG_train.txt)."""
+    return work_dir / "results" / f"{_tag(cfg)}_train.txt"
+
+
+def _checkpoints(work_dir: Path, cfg: FinetuneConfig) -> dict[int, Path]:
+    """mace-torch's checkpoints of this fine-tune by 0-based epoch (TAG_epoch-N.pt)."""
+    found = {}
+    for path in (work_dir / "checkpoints").glob(f"{_tag(cfg)}_epoch-*.pt"):
+        match = re.fullmatch(re.escape(_tag(cfg)) + r"_epoch-(\d+)\.pt", path.name)
         if match:
-            best = max(best, int(match.group(1)) + 1)
-    return best
+            found[int(match.group(1))] = path
+    return found
+
+
+def _clear_work_dir(work_dir: Path, keep: Path) -> None:
+    """Remove a previous attempt's mace-torch output (checkpoints, metrics, logs, models),
+    keeping the driver's own training log (``keep``), which records every attempt."""
+    if not work_dir.is_dir():
+        return
+    for entry in work_dir.iterdir():
+        if entry == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _require_finite_weights(model_file: Path) -> None:
+    """A model with a NaN or Inf weight predicts NaN somewhere; refuse to hand it on."""
+    from ..models.foundation import load_mace_model
+
+    model = load_mace_model(model_file, dtype="float64")
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise ExternalProgramError(
+            f"mace-torch wrote {model_file} with non-finite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}); "
+            "the fine-tune diverged. No model was written: lower the learning rate and check the labels")
+
+
+def _previous_attempt(cfg: FinetuneConfig, work_dir: Path,
+                      train_log: Path) -> "tuple[int | None, TrainingMonitor | None]":
+    """What to do with an earlier training in ``work_dir``: (0-based epoch mace-torch resumes
+    at, what the earlier attempts logged) when continuing from its checkpoint, else (None, None)
+    after clearing it away (training starts afresh; said in a warning)."""
+    metrics_file = metrics_path(work_dir, cfg)
+    checkpoints = _checkpoints(work_dir, cfg)
+    if not metrics_file.is_file() and not checkpoints:
+        _clear_work_dir(work_dir, keep=train_log)  # nothing trained yet (e.g. killed while starting)
+        return None, None
+    earlier = TrainingMonitor(cfg, metrics_file, guard=False)
+    problem = None
+    try:
+        earlier.poll()
+    except UmlipftError as err:  # diverged or unreadable: nothing to continue from
+        problem = str(err)
+    done = len(earlier.valid)
+    if cfg.resume_from_checkpoint and checkpoints and problem is None and max(checkpoints) < cfg.epochs:
+        epoch = max(checkpoints)
+        log.warning("%s: continuing this fine-tune from mace-torch's checkpoint of epoch %d (%d of %d epochs "
+                    "had run); mace-torch trains epoch %d again. resume_from_checkpoint is inexact: the model "
+                    "will differ from an uninterrupted run's, because %s", work_dir, epoch + 1, done,
+                    cfg.epochs, epoch + 1, INEXACT_RESUME)
+        return epoch, earlier
+    why = (f"its metrics cannot be continued from ({problem})" if problem is not None
+           else INEXACT_RESUME if not cfg.resume_from_checkpoint
+           else "there is no checkpoint to continue from before the requested last epoch")
+    log.warning("%s holds an earlier training of this fine-tune (%d of %d epochs had run); %s. It is trained "
+                "again from epoch 1 with the same seed, so the model is the one an uninterrupted run gives%s",
+                work_dir, done, cfg.epochs, why,
+                "" if cfg.resume_from_checkpoint else " (resume_from_checkpoint: true continues instead, inexactly)")
+    _clear_work_dir(work_dir, keep=train_log)
+    with open(train_log, "a") as handle:
+        handle.write(f"# umlipft: earlier training cleared ({done} epochs had run); training from epoch 1\n")
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,8 +823,11 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
              log_progress: bool = False) -> FinetuneResult:
     """Fine-tune ``config.foundation`` on ``config.train_file`` and export the result.
 
-    Restartable: rerunning the same request in the same ``output_dir`` resumes from mace-torch's
-    latest checkpoint, or does nothing when the fine-tune already finished.
+    Restartable: rerunning the same request in the same ``output_dir`` does nothing when the
+    fine-tune already finished; an interrupted one (or one asked for another number of epochs)
+    is trained again from epoch 0 with the same seed, or with ``resume_from_checkpoint``
+    continued from mace-torch's checkpoint (see :data:`INEXACT_RESUME`). A diverged training
+    (non-finite loss or validation error) stops with an error and writes no model.
     """
     from ..models.export import ExportConfig, export_lammps_model
     from ..models.foundation import load_mace_model, resolve_foundation_model
@@ -556,7 +848,9 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
 
     if previous is not None and result_path.is_file() and model_path.is_file():
         done = FinetuneResult.from_dict(json.loads(result_path.read_text()))
-        if done.epochs >= config.epochs:
+        # Only the same number of epochs: mace-torch cannot shorten a training, and lengthening
+        # one is a resume (below).
+        if done.epochs == config.epochs:
             lammps = done.lammps_model_path
             if config.export and not lammps_path.is_file():
                 lammps = export_lammps_model(ExportConfig(model=str(model_path), output=str(lammps_path),
@@ -574,7 +868,7 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
         # float32 is ample for an error measured in tens of meV/atom, and four times faster.
         check = _check_frames(prepared.train, config.e0_check_frames)
         evaluator = ModelEvaluator(foundation_path, dtype="float32", device="cpu", loaded=foundation)
-        energies = [p.energy_eV for p in evaluator.predict(check)]
+        energies = [p.energy_eV for p in evaluator.predict(check, source=config.train_file)]
         e0 = decide_e0s(
             policy=config.e0s, frames=check, foundation_energies_eV=energies,
             foundation_e0=foundation_e0s(foundation), isolated=prepared.isolated,
@@ -598,23 +892,42 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
         write_frames(data_dir / "replay.extxyz", prepared.replay)
         write_frames(data_dir / "replay_valid.extxyz", prepared.replay_valid)
     work_dir = out / "mace"
-    start_epoch = _checkpoint_epoch(work_dir, config)
-    args = mace_arguments(config, foundation_path, data_dir, work_dir, e0, prepared)
+    train_log = work_dir / "umlipft-train.log"
+    # A previous finished model of another length, or its export, must not outlive this training
+    # (a diverged or interrupted one leaves no model behind).
+    for stale in (result_path, model_path, *out.glob(f"{config.name}-lammps-*.pt")):
+        stale.unlink(missing_ok=True)
+    resume_epoch, earlier = _previous_attempt(config, work_dir, train_log)
+    before = earlier.valid if earlier is not None else {}
+    metrics_file = metrics_path(work_dir, config)
+    args = mace_arguments(config, foundation_path, data_dir, work_dir, e0, prepared,
+                          resume=resume_epoch is not None)
 
     def show(p: EpochProgress) -> None:
         if progress is not None:
             progress(p)
         if log_progress:
-            print(f"\repoch {p.epoch}/{p.epochs}: valid RMSE E {p.valid_rmse_e_meV_per_atom:.2f} meV/atom, "
-                  f"F {p.valid_rmse_f_meV_per_A:.1f} meV/Å ({p.seconds:.1f} s/epoch)",
-                  end="\n" if p.epoch == p.epochs else "", file=sys.stderr, flush=True)
+            print(f"\r{p.describe()}", end="\n" if p.epoch == p.epochs else "", file=sys.stderr, flush=True)
 
+    monitor = TrainingMonitor(config, metrics_file, start_epoch=resume_epoch or 0, guard=resume_epoch is None,
+                              valid_is_train=prepared.valid_is_train, progress=show,
+                              offset=metrics_file.stat().st_size if resume_epoch is not None else 0)
     with summary.timed("train"):
-        epoch_times, valid_errors, initial = _run_mace(args, work_dir / "umlipft-train.log", config,
-                                                       start_epoch, show)
+        _run_mace(args, train_log, monitor)
     trained = work_dir / f"{config.name}.model"
     if not trained.is_file():
-        raise ExternalProgramError(f"mace-torch finished without writing {trained}; see {work_dir / 'umlipft-train.log'}")
+        raise ExternalProgramError(f"mace-torch finished without writing {trained}; see {train_log}")
+    _require_finite_weights(trained)
+    # mace-torch's model is its latest checkpoint: the epoch of lowest validation loss.
+    checkpoints = _checkpoints(work_dir, config)
+    if not checkpoints:
+        raise _format_changed("no checkpoint, so the epoch the model comes from is unknown",
+                              work_dir / "checkpoints")
+    model_epoch = max(checkpoints)
+    model_valid = monitor.valid.get(model_epoch) or before.get(model_epoch)
+    if model_valid is None:
+        raise _format_changed(f"no validation record of epoch {model_epoch + 1}, whose checkpoint "
+                              "the model is", metrics_file)
     with atomic_path(model_path) as tmp:
         shutil.copyfile(trained, tmp)
     lammps_model: Path | None = None
@@ -622,18 +935,21 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
         with summary.timed("export"):
             lammps_model = export_lammps_model(ExportConfig(model=str(model_path), output=str(lammps_path),
                                                             dtype=config.export_dtype, optimize=True))
+    # The starting model's errors (a resumed training's first validation is of its checkpoint).
+    start = earlier.initial if earlier is not None and earlier.initial is not None else monitor.initial
     result = FinetuneResult(
         model_path=model_path, lammps_model_path=lammps_model, output_dir=out, mode=config.mode,
         e0=e0.to_dict(), n_train=len(prepared.train), n_valid=len(prepared.valid),
-        n_replay=len(prepared.replay), epochs=config.epochs, epoch_times_s=tuple(epoch_times),
-        initial_valid_rmse_e_meV_per_atom=initial,
-        final_valid_rmse_e_meV_per_atom=valid_errors[-1][0] if valid_errors else None,
-        final_valid_rmse_f_meV_per_A=valid_errors[-1][1] if valid_errors else None,
-        skipped=False,
+        n_replay=len(prepared.replay), epochs=config.epochs, epoch_times_s=tuple(monitor.epoch_times),
+        initial_valid_rmse_e_meV_per_atom=start[0] if start is not None else None,
+        final_valid_rmse_e_meV_per_atom=model_valid[0], final_valid_rmse_f_meV_per_A=model_valid[1],
+        skipped=False, valid_is_train=prepared.valid_is_train, model_epoch=model_epoch + 1,
     )
     summary.results = {**result.to_dict(), "e0_policy": e0.policy, "e0_reason": e0.reason,
-                       "valid_is_train": prepared.valid_is_train,
-                       "mace_arguments": args, "resumed_from_epoch": start_epoch}
+                       "mace_arguments": args, "mace_torch_version": mace_version(),
+                       # 1-based epoch training continued from (inexactly), None when it started afresh
+                       "resumed_from_epoch": resume_epoch + 1 if resume_epoch is not None else None,
+                       "valid_rmse_by_epoch": {str(k + 1): list(v) for k, v in sorted({**before, **monitor.valid}.items())}}
     atomic_write_text(result_path, json.dumps(result.to_dict(), indent=2) + "\n")
     summary.write(out / "summary.json")
     return result

@@ -357,6 +357,8 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
                 "n_train": result.n_train, "n_valid": result.n_valid, "n_frames": len(frames),
                 "final_valid_rmse_e_meV_per_atom": result.final_valid_rmse_e_meV_per_atom,
                 "final_valid_rmse_f_meV_per_A": result.final_valid_rmse_f_meV_per_A,
+                # few frames: those "valid" figures are on the training frames (no split)
+                "valid_is_train": result.valid_is_train,
                 "e0_policy": result.e0.get("policy"), "e0_reason": result.e0.get("reason"),
                 "e0_predicted_start_rmse_meV_per_atom": result.e0.get("chosen_start_rmse_meV_per_atom"),
                 # multi-head replay (a replay file is configured) or plain fine-tuning: say which ran
@@ -376,7 +378,8 @@ def finetune_values(config: WorkflowConfig, train_file: str, foundation: str, ou
             "batch_size": ft.batch_size, "lr": ft.lr, "energy_weight": ft.energy_weight,
             "forces_weight": ft.forces_weight, "stress_weight": ft.stress_weight,
             "new_frames_weight": ft.new_frames_weight, "valid_fraction": ft.valid_fraction, "dtype": ft.dtype,
-            "export": False, "export_dtype": config.md.dtype, "seed": ft.seed, "device": ft.device}
+            "export": False, "export_dtype": config.md.dtype, "seed": ft.seed, "device": ft.device,
+            "resume_from_checkpoint": ft.resume_from_checkpoint}
 
 
 def finetune_config(config: WorkflowConfig, train_file: str, foundation: str, output_dir: str, name: str,
