@@ -31,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--restart-every", dest="restart_every", type=int, help="write restart files every N steps (0: off)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--replicas", type=int)
+    parser.add_argument("--min-distance-A", dest="min_distance_A", type=float,
+                        help="refuse atoms closer than this at the start (default 0.5; 0: off)")
+    parser.add_argument("--max-force-eV-A", dest="max_force_eV_A", type=float,
+                        help="watchdog: stop when a force exceeds this (default 50; 0: off)")
+    parser.add_argument("--watchdog-temperature-factor", dest="watchdog_temperature_factor", type=float,
+                        help="watchdog: stop above this multiple of --temperature-K (default 10; 0: off)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)
 
@@ -43,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
 
     overrides = {key: getattr(args, key) for key in (
         "output", "continue_from", "model", "dtype", "ensemble", "temperature_K", "pressure_bar",
-        "timestep_fs", "steps", "thermo_every", "dump_every", "restart_every", "seed", "replicas")}
+        "timestep_fs", "steps", "thermo_every", "dump_every", "restart_every", "seed", "replicas",
+        "min_distance_A", "max_force_eV_A", "watchdog_temperature_factor")}
     if args.structure:
         overrides["structure"] = tuple(args.structure)
     if args.elements:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..config import DriverConfig
 from ..errors import ConfigError
@@ -14,6 +15,9 @@ DEVICES = ("cpu", "cuda")
 TIMESTEP_RANGE_FS = (0.05, 5.0)
 # Above this, bonds to hydrogen (period ~9 fs) are integrated too coarsely: legal but unusual.
 MAX_TIMESTEP_WITH_H_FS = 2.0
+# Safety checks: they decide whether a run may go on, never what it computes, so changing them
+# resumes the same run (e.g. a higher max_force after the watchdog stopped it).
+SAFETY_KEYS = ("min_distance_A", "max_force_eV_A", "watchdog_temperature_factor")
 
 
 def timestep_warning(timestep_fs: float, elements) -> str | None:
@@ -61,6 +65,13 @@ class MDConfig(DriverConfig):
     # Where pair_style mace evaluates the model (``pair_style mace device cuda``: one GPU per MPI
     # rank). Not part of the run's identity: a run resumed on the other device continues it.
     device: str = "cpu"
+    # Refuse start structures with atoms closer than this (also pair_style mace min_distance at
+    # every run start); 0 turns the check off.
+    min_distance_A: float = 0.5
+    # Watchdog: stop the run when a force exceeds max_force_eV_A (pair_style mace max_force) or
+    # the temperature exceeds watchdog_temperature_factor x temperature_K (fix halt); 0: off.
+    max_force_eV_A: float = 50.0
+    watchdog_temperature_factor: float = 10.0
 
     def validate(self) -> None:
         if self.ensemble not in ("nvt", "npt"):
@@ -86,6 +97,16 @@ class MDConfig(DriverConfig):
         for key in ("tdamp_fs", "pdamp_fs"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0 fs, got {getattr(self, key)}")
+        for key in ("min_distance_A", "max_force_eV_A"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be >= 0 (0 turns the check off), got {value}")
+        factor = self.watchdog_temperature_factor
+        if not (factor == 0 or (math.isfinite(factor) and factor > 1)):
+            raise ConfigError(
+                f"watchdog_temperature_factor must be 0 (off) or above 1 (the run stops above this "
+                f"multiple of temperature_K; default 10), got {factor}"
+            )
         lo, hi = TIMESTEP_RANGE_FS
         if not lo <= self.timestep_fs <= hi:
             raise ConfigError(f"timestep_fs must be within {lo}-{hi} fs (0.5-1 fs with hydrogen), "

