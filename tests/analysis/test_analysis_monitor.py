@@ -98,7 +98,7 @@ def test_q_plot_draws_each_atoms_own_band_and_the_training_limits_apart(global_p
     # The legend names the bands and the limits separately.
     legend = [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else \
         [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert "Co1: own mean ± 2σ over the run" in legend
+    assert "Co1 (shaded: own mean ± 2σ over the run)" in legend
     assert any(t.startswith("Cl training-set Q limit") for t in legend)
     assert data["time_axis"] == "time (fs)"  # 3 frames 20 fs apart
     np.testing.assert_allclose(data["times"], [0.0, 20.0, 40.0])

@@ -200,3 +200,32 @@ def test_control_and_adaptive_run_end_to_end_beside_periodic(periodic_run, tiny_
     # the periodic stages were reused, not redone
     c = counts(root)
     assert all(n == 1 for n in c["trainings_finished"].values())
+
+
+def test_compare_report_reads_in_a_browser(periodic_run, tiny_yaml: Path, tmp_path: Path) -> None:
+    """The naive-vs-periodic report as a chemist opens it in a real (headless) browser: it starts
+    with the verdict table, a row per model, and shows every figure of the report, decoded."""
+    from browser import render
+
+    outcome = run_workflow(("naive", "periodic"), load_workflow_config(tiny_yaml), periodic_run.directory)
+    report = json.loads(outcome.report_json.read_text())
+    models = ["U", "N-2pts", "N-4pts", "FT1", "FT2"]
+    for name in models:
+        entry = report["self_consistent"][name]
+        assert entry["rmse_meV_per_atom"] >= 0 and entry["force_rmse_eV_per_A"] > 0
+    assert [r["model"] for r in report["verdict"]["rows"]] == models
+    page = render(outcome.report_html, screenshot=tmp_path / "report.png")
+    figures = sorted(p.name for p in (outcome.report_html.parent / "figures").glob("*.png"))
+    assert {"residuals-naive-periodic.png", "pca-map.png", "coverage-by-element.png", "coverage-within-strategy.png",
+            "coverage-per-iteration.png", "bonds-OH-U-vs-FT1.png", "long-N-4pts-energy.png", "long-FT2-energy.png",
+            "long-FT2-q.png"} <= set(figures)
+    assert page.body.get("data-images-loaded") == "all", page.body
+    assert sorted(e.attrs["alt"] + ".png" for e in page.all("img")) == figures  # each figure once
+    assert page.all("h2")[0].text.strip() == "Verdict"
+    table = page.first("table", **{"class": "verdict"})
+    assert 0 < table < page.first("img")
+    rows = [k for k in range(table, len(page.elements)) if page.elements[k].tag == "tr"][2:2 + len(models)]
+    assert [page.elements[k + 1].text.strip().rstrip(" *") for k in rows] == models
+    headline = page.elements[page.first("p", **{"class": "headline"})].text
+    assert "N-4pts" in headline and "FT2" in headline and "meV/atom" in headline
+    assert (tmp_path / "report.png").stat().st_size > 10_000

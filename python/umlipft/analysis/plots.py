@@ -145,7 +145,7 @@ def plot_coverage(panels: Mapping[str, "Coverage"]) -> tuple["Figure", dict]:
         # pcolormesh wants [y, x]; categories are [x, y] as numpy.histogram2d returns them.
         ax.pcolormesh(cov.x_edges, cov.y_edges, cat.T, cmap=cmap, vmin=-0.5, vmax=3.5)
         summary = cov.to_dict()
-        ax.set_title(f"{name}: {100 * summary['fraction_atoms_a_not_in_b']:.1f} % of {cov.label_a} "
+        ax.set_title(f"{name}:\n{100 * summary['fraction_atoms_a_not_in_b']:.1f} % of {cov.label_a} "
                      f"not in {cov.label_b}", fontsize=9)
         ax.set_xlabel("PC1")
         ax.set_ylabel("PC2")
@@ -189,6 +189,7 @@ def plot_control_chart(times: np.ndarray, values: np.ndarray, labels: Sequence[s
     ``xlabel=None``: ``times`` are in ps and drawn in the unit that fits them (:func:`time_axis`),
     events at their times; ``"frame"``: frame numbers, events at their frames; any other label:
     ``times`` drawn as given."""
+    from matplotlib.legend_handler import HandlerTuple
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -198,19 +199,24 @@ def plot_control_chart(times: np.ndarray, values: np.ndarray, labels: Sequence[s
     x, label_x = times, xlabel
     if xlabel is None:
         x, label_x, scale = time_axis(times)
-    fig = _figure(7.0, 4.2)
+    fig = _figure(7.5, 5.0)
     ax = fig.add_subplot()
     data: dict[str, Any] = {"times": x, "time_axis": label_x, "series": {}, "limits": [], "events": []}
     handles: list[Any] = []
+    names: list[str] = []
     drawn_limits: dict[tuple[str, float], str] = {}
     for k, label in enumerate(labels):
         (line,) = ax.plot(x, values[:, k], lw=1.2, label=label)
-        handles.append(line)
         entry: dict[str, Any] = {"values": values[:, k]}
         if bands is not None and np.all(np.isfinite(bands[k])):
             ax.axhspan(bands[k][0], bands[k][1], color=line.get_color(), alpha=0.10, lw=0)
-            handles.append(Patch(color=line.get_color(), alpha=0.25, label=f"{label}: {band_label}"))
+            # One legend entry per atom: its line drawn over its band's colour.
+            handles.append((Patch(color=line.get_color(), alpha=0.25, lw=0), line))
+            names.append(f"{label} (shaded: {band_label})")
             entry["band"] = [float(bands[k][0]), float(bands[k][1])]
+        else:
+            handles.append(line)
+            names.append(label)
         if limits is not None and np.isfinite(limits[k]):
             name = (limit_labels[k] if limit_labels and limit_labels[k] else "control limit")
             entry["limit"] = float(limits[k])
@@ -218,7 +224,8 @@ def plot_control_chart(times: np.ndarray, values: np.ndarray, labels: Sequence[s
             key = (name, float(limits[k]))
             if key not in drawn_limits:  # atoms of one element share their element's limit
                 ax.axhline(limits[k], color=line.get_color(), ls="--", lw=0.9)
-                handles.append(Line2D([], [], color=line.get_color(), ls="--", lw=0.9, label=name))
+                handles.append(Line2D([], [], color=line.get_color(), ls="--", lw=0.9))
+                names.append(name)
                 drawn_limits[key] = line.get_color()
                 data["limits"].append({"label": name, "value": float(limits[k])})
         data["series"][label] = entry
@@ -229,7 +236,8 @@ def plot_control_chart(times: np.ndarray, values: np.ndarray, labels: Sequence[s
         ax.set_ylim(bottom=0.0)  # a band reaching below zero says nothing about a non-negative Q
     ax.set_xlabel(label_x)
     ax.set_ylabel(ylabel)
-    fig.legend(handles=handles, fontsize=6.5, frameon=False, loc="outside right upper")
+    fig.legend(handles, names, handler_map={tuple: HandlerTuple(ndivide=1)}, fontsize=7, frameon=False,
+               loc="outside lower center", ncols=2)
     ax.set_title(title or f"{ylabel} of tracked atoms", fontsize=9)
     return fig, data
 
@@ -296,6 +304,46 @@ def plot_energy_trajectory(times: np.ndarray, energies: np.ndarray, dft_times: n
     return fig, data
 
 
+def plot_binned_errors(reference_per_atom: np.ndarray, residuals: Mapping[str, Sequence[float]],
+                       edges: np.ndarray, reference: str = "DFT") -> tuple["Figure", dict]:
+    """Energy residuals of several models on one labelled set, binned by the frames' reference
+    energy per atom: mean ± std of (E_model − E_ref)/N per bin and model, bins side by side."""
+    from .stats import bin_index
+
+    ref = np.asarray(reference_per_atom, dtype=float)
+    index = bin_index(ref, np.asarray(edges, dtype=float))
+    n_bins = len(edges) - 1
+    fig = _figure(7.5, 4.0)
+    ax = fig.add_subplot()
+    names = list(residuals)
+    width = 0.8 / max(len(names), 1)
+    bins = []
+    for b in range(n_bins):
+        inside = index == b
+        bins.append({"low_eV_per_atom": float(edges[b]), "high_eV_per_atom": float(edges[b + 1]),
+                     "n_frames": int(inside.sum()), "models": {}})
+    for k, name in enumerate(names):
+        r = np.asarray(residuals[name], dtype=float)
+        means, stds = [], []
+        for b in range(n_bins):
+            v = r[index == b]
+            mean = float(v.mean()) if v.size else float("nan")
+            std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+            means.append(mean)
+            stds.append(std)
+            bins[b]["models"][name] = {"mean_meV_per_atom": mean, "std_meV_per_atom": std,
+                                       "rmse_meV_per_atom": float(np.sqrt(np.mean(v**2))) if v.size else float("nan")}
+        x = np.arange(n_bins) - 0.4 + width * (k + 0.5)
+        ax.errorbar(x, means, yerr=stds, fmt="o", ms=4, capsize=2, label=name)
+    ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_xticks(range(n_bins), [f"{edges[b]:.3f} to {edges[b + 1]:.3f}\n({bins[b]['n_frames']} frames)"
+                                  for b in range(n_bins)], fontsize=7)
+    ax.set_xlabel(f"E_{reference}/N bin (eV/atom)")
+    ax.set_ylabel(f"(E_model − E_{reference})/N (meV/atom)")
+    fig.legend(fontsize=7, frameon=False, loc="outside right upper")
+    return fig, {"bins": bins, "edges": np.asarray(edges, dtype=float)}
+
+
 def plot_force_parity(reference: np.ndarray, predicted: np.ndarray, symbols: Sequence[str],
                       title: str = "") -> tuple["Figure", dict]:
     """Force components, model against reference, one panel per element with its RMSE."""
@@ -330,7 +378,7 @@ def plot_bond_histograms(datasets: Mapping[str, Mapping[str, "BondDistribution"]
     pairs: list[str] = []
     for dists in datasets.values():
         pairs.extend(p for p in dists if p not in pairs)
-    fig = _figure(3.6 * max(len(pairs), 1), 3.2)
+    fig = _figure(3.6 * max(len(pairs), 1), 3.9)
     data: dict[str, Any] = {}
     for k, pair in enumerate(pairs):
         ax = fig.add_subplot(1, len(pairs), k + 1)
@@ -350,8 +398,8 @@ def plot_bond_histograms(datasets: Mapping[str, Mapping[str, "BondDistribution"]
             ax.text(0.5, 0.5, "no pairs within the cutoff", transform=ax.transAxes, ha="center")
         ax.set_xlabel(f"{pair} distance (Å)")
         ax.set_ylabel("density (1/Å)")
-        if nonzero:
-            ax.legend(fontsize=7, frameon=False)
+        if nonzero:  # under the panel, where it hides no bar
+            ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     return fig, data
 
 

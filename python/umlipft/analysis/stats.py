@@ -143,3 +143,26 @@ def quadratic_form_moments(residuals: np.ndarray) -> tuple[float, float, float, 
     theta = (tr1 + float(m @ m), tr2 + 2.0 * float(m @ s_m), tr3 + 3.0 * float(s_m @ s_m),
              tr4 + 4.0 * float(s_m @ s2_m))
     return tuple(max(t, 0.0) for t in theta)  # type: ignore[return-value]
+
+
+def quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Edges of ``n_bins`` bins holding (nearly) equal numbers of the finite ``values``; repeated
+    quantiles (ties) merge, so fewer bins may come back. The last edge is the maximum, included."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise InputError("no finite values to bin")
+    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, max(1, int(n_bins)) + 1)))
+    if edges.size == 1:  # all values equal: one narrow bin around them
+        pad = max(abs(float(edges[0])) * 1e-6, 1e-9)
+        edges = np.array([edges[0] - pad, edges[0] + pad])
+    return edges
+
+
+def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin of each value for ``edges``: half-open [e_i, e_i+1), the last bin closed; -1 outside."""
+    values = np.asarray(values, dtype=float)
+    index = np.searchsorted(edges, values, side="right") - 1
+    index[values == edges[-1]] = edges.size - 2
+    index[(values < edges[0]) | (values > edges[-1]) | ~np.isfinite(values)] = -1
+    return index

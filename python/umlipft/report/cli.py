@@ -9,7 +9,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser(
         "report", help="collect a run directory's figures and summaries into one HTML page",
         description="Write RUN_DIR/report.html with every figure (PNG/SVG, captions from their .json "
-        "sidecars) and every run summary found under RUN_DIR.")
+        "sidecars) and every run summary found under RUN_DIR. A workflow's report folder "
+        "(report-<strategies>, with report.json) gets the workflow layout: the verdict table first, then "
+        "the study's figures in the study's order.")
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.add_argument("-o", "--output", help="HTML file (default RUN_DIR/report.html)")
     report.add_argument("--title")

@@ -36,11 +36,17 @@ def build_report(run_dir: str | Path, output: str | Path | None = None, title: s
     Figures are grouped by the folder they are in, in name order; a ``NAME.json`` beside a figure
     (written by ``umlipft.analysis.plots.save_figure``) gives its caption. Every ``summary.json``
     (``umlipft.summary.RunSummary``) becomes a table of its driver, status, times and results.
-    ``embed`` puts the images into the page (one portable file) instead of linking them.
+    ``embed`` puts the images into the page (one portable file) instead of linking them. A
+    workflow report folder (with a ``report.json`` verdict) is laid out by
+    :func:`umlipft.report.workflow.build_workflow_report` instead.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir} is not a directory; give the run directory to report on")
+    from .workflow import build_workflow_report, is_workflow_report
+
+    if is_workflow_report(run_dir):  # a workflow's report folder: the verdict and the study's figure order
+        return build_workflow_report(run_dir, output, title, embed)
     output = Path(output) if output else run_dir / REPORT_NAME
     with output_lock(output, "report", file=True):  # one report per page at a time
         return _write_report(run_dir, output, title, embed)

@@ -6,10 +6,16 @@
 - long runs: the last model of each strategy continues its test trajectory; labelled every
   interval; each model is evaluated on every long run (cross-evaluation); events (H-Cl bonds,
   Co coordination) and Q(t) of the atoms involved, against the model's own training data;
-- coverage maps in SOAP PC space of the strategies' datasets, per iteration and per element.
+- coverage maps in SOAP PC space of the strategies' datasets, per iteration and per element;
+  O-H bond lengths of the data the universal model generated against FT1's;
+- an independent labelled set (``evaluation.independent``): every model's errors binned by
+  reference energy;
+- the verdict: per model the self-consistent residual, force RMSE, long-run residual, events and
+  frames used, and which final model (naive or periodic) is better, by how much, on what.
 
-Everything numeric goes to ``report/report.json`` (deterministic: no times, no hosts), the
-figures to ``report/figures`` and ``report/report.html`` collects them.
+Everything numeric goes to ``report-<strategies>/report.json`` (deterministic: no times, no
+hosts), the figures to ``figures/``, and ``report.html`` lays them out in the study's order
+(``umlipft.report.workflow``).
 """
 
 from __future__ import annotations
@@ -117,6 +123,10 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
     strategy_stages = [m.stage for r in results.values() for m in r.models if m.stage]
     inputs = {"strategies": sorted(results), "analysis": config.analysis.to_dict(),
               "evaluation": ev.to_dict(), "dump_ps": dump_ps}
+    if ev.independent:
+        from ..io import sha256_file
+
+        inputs["independent_sha256"] = sha256_file(Path(ev.independent))
     return state.run(report_stage(results), inputs, lambda folder: _analyse(state, config, results, sc, long, folder),
                      deps=deps + strategy_stages)
 
@@ -135,25 +145,66 @@ def _is_final(m: ModelInfo, results: Mapping[str, StrategyResult]) -> bool:
 def _analyse(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, StrategyResult],
              sc: Mapping[str, Any], long: Mapping[str, Any], folder: Path) -> dict[str, Any]:
     from ..analysis.plots import save_figure
-    from ..report import build_report
+    from ..report.workflow import build_workflow_report
 
     figures = folder / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"strategies": {k: v.to_dict() for k, v in results.items()}}
-    offset = _universal_offset(state, config, results)
+    evaluators = _Evaluators(state, config)
+    report: dict[str, Any] = {"setup": _setup(state, config, results),
+                              "strategies": {k: v.to_dict() for k, v in results.items()}}
+    offset = _universal_offset(state, config, results, evaluators)
     if offset is not None:
         report["universal_offset_meV_per_atom"] = offset
     report["self_consistent"] = _self_consistent(state, results, sc, figures, save_figure, offset or 0.0,
-                                                 config.label.calculator)
+                                                 config.label.calculator, evaluators)
     if long:
-        report["long_runs"] = _long_runs(state, config, long, figures, save_figure)
+        report["long_runs"] = _long_runs(state, config, long, figures, save_figure, evaluators)
     report["coverage"] = _coverage(state, config, results, figures, save_figure)
+    bonds = _bonds_by_generator(state, results, figures, save_figure)
+    if bonds:
+        report["bond_lengths"] = bonds
+    if config.evaluation.independent:
+        report["independent"] = _independent(config, results, figures, save_figure, offset or 0.0, evaluators)
     if "adaptive" in results and "periodic" in results and report["self_consistent"]:
         report["adaptive_vs_periodic"] = _adaptive_labels(results, report["self_consistent"])
     report["finetune"] = {m.name: _ft_summary(state, m) for m in _models(results) if m.stage}
+    report["verdict"] = verdict(report, results)
     atomic_write_text(folder / "report.json", json.dumps(report, indent=1, sort_keys=True, default=_plain) + "\n")
-    html = build_report(folder, title=f"umlipft workflow: {', '.join(results)}")
+    html = build_workflow_report(folder, title=f"umlipft workflow: {' vs '.join(results)}")
     return {"report_json": rel(state, folder / "report.json"), "report_html": rel(state, html)}
+
+
+class _Evaluators:
+    """One loaded model per name for the whole report (each load costs seconds)."""
+
+    def __init__(self, state: WorkflowState, config: WorkflowConfig) -> None:
+        self.state, self.config = state, config
+        self._loaded: dict[str, Any] = {}
+
+    def get(self, m: ModelInfo) -> Any:
+        from ..evaluate.predict import ModelEvaluator
+
+        if m.name not in self._loaded:
+            path = str(absolute(self.state, m.model)) if m.stage else m.model
+            self._loaded[m.name] = ModelEvaluator(path, dtype=self.config.evaluation.dtype)
+        return self._loaded[m.name]
+
+
+def _setup(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, StrategyResult]) -> dict[str, Any]:
+    """What was run, in the words a methods section needs (deterministic: no paths, no times)."""
+    from ..io import read_frames
+
+    md, ev = config.md, config.evaluation
+    start = read_frames(absolute(state, state.result("start/00")["structure"]))[0]
+    return {"profile": config.profile, "foundation": config.foundation, "reference": config.label.calculator,
+            "system": config.system.system, "formula": start.get_chemical_formula(mode="hill"),
+            "n_atoms": len(start), "strategies": list(results), "iterations": config.iterations,
+            "frames_per_segment": config.frames_per_segment, "ensemble": md.ensemble,
+            "temperature_K": md.temperature_K, "timestep_fs": md.timestep_fs,
+            "segment_ps": md.segment_ps(), "test_ps": ev.test_steps * md.timestep_fs / 1000.0,
+            "long_ps": ev.long_steps * md.timestep_fs / 1000.0 if ev.long_runs else None,
+            "test_frames": ev.test_frames, "finetune_epochs": config.finetune.epochs,
+            "align_universal_energy": ev.align_universal_energy}
 
 
 def _plain(value: Any) -> Any:
@@ -172,8 +223,8 @@ def _ft_summary(state: WorkflowState, m: ModelInfo) -> dict[str, Any]:
                                   "final_valid_rmse_f_meV_per_A", "e0_policy")}
 
 
-def _universal_offset(state: WorkflowState, config: WorkflowConfig,
-                      results: Mapping[str, StrategyResult]) -> float | None:
+def _universal_offset(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, StrategyResult],
+                      evaluators: _Evaluators) -> float | None:
     """Mean (E_U - E_ref)/N of the universal model on every labelled training frame, when its
     energies must be aligned to the labels' scale (see EvaluationSettings.align_universal_energy)."""
     mode = config.evaluation.align_universal_energy
@@ -185,27 +236,35 @@ def _universal_offset(state: WorkflowState, config: WorkflowConfig,
     frames = [f for r in results.values() for path in r.labelled for f in read_frames(absolute(state, path))]
     if not frames:
         return None
-    report = evaluate_model(config.foundation, frames, dtype=config.evaluation.dtype, model_name="U")
+    universal = next(m for r in results.values() for m in r.models if not m.stage)
+    report = evaluate_model(evaluators.get(universal), frames, model_name="U")
     return report.summary.energy_residual_mean_meV_per_atom
 
 
 def _self_consistent(state: WorkflowState, results: Mapping[str, StrategyResult], sc: Mapping[str, Any],
-                     figures: Path, save_figure: Any, offset: float = 0.0, calculator: str = "ref") -> dict[str, Any]:
+                     figures: Path, save_figure: Any, offset: float, calculator: str,
+                     evaluators: _Evaluators) -> dict[str, Any]:
     from ..analysis.plots import plot_residuals
-    from ..evaluate import self_consistent_residual
+    from ..evaluate import evaluate_model, self_consistent_residual
 
     out: dict[str, Any] = {}
-    reference = calculator.upper() if calculator in ("vasp", "cp2k") else calculator
+    reference = _reference_name(calculator)
+    by_name = {m.name: m for m in _models(results)}
     for name, entry in sc.items():
         if "label" not in entry:
             continue
-        rep = self_consistent_residual(absolute(state, entry["md"]["thermo"][0]),
-                                       absolute(state, entry["label"]["labelled"]))
+        labelled = absolute(state, entry["label"]["labelled"])
+        rep = self_consistent_residual(absolute(state, entry["md"]["thermo"][0]), labelled)
         shift = offset if name == "U" else 0.0
         residuals = np.array([r.residual_meV_per_atom for r in rep.per_frame]) - shift
+        # Energies come from the model's own MD (thermo); its forces on the labelled frames are not
+        # in the dump, so the model evaluates them: a few frames per model.
+        forces = evaluate_model(evaluators.get(by_name[name]), labelled, model_name=name).summary
         out[name] = {"mean_meV_per_atom": float(residuals.mean()),
                      "rmse_meV_per_atom": float(np.sqrt(np.mean(residuals**2))),
                      "max_abs_meV_per_atom": float(np.abs(residuals).max()),
+                     "force_rmse_eV_per_A": forces.force_rmse_eV_per_A,
+                     "force_rmse_per_element_eV_per_A": forces.force_rmse_per_element_eV_per_A,
                      "residuals_meV_per_atom": residuals.tolist(), "aligned_by_meV_per_atom": shift,
                      "steps": [r.step for r in rep.per_frame], "n_frames": rep.n_frames}
     if not out:
@@ -225,8 +284,8 @@ def _self_consistent(state: WorkflowState, results: Mapping[str, StrategyResult]
         fig.axes[0].set_title(left)
         fig.axes[1].set_title(right)
         save_figure(fig, data, figures / f"residuals-{left}-{right}.png",
-                    caption=f"Self-consistent test: (E_model - E_ref)/N of frames from the second half of each "
-                            f"model's own trajectory from the common start; {left} and {right} models "
+                    caption=f"Self-consistent test: (E_model - E_{reference})/N of frames from the second half of "
+                            f"each model's own trajectory from the common start; {left} and {right} models "
                             "(dots: frames; bars: mean ± std)."
                             + (f" U is shown after removing its mean residual on the training frames "
                                f"({offset:.1f} meV/atom: the labels' theory has another energy zero)."
@@ -250,21 +309,20 @@ def _concatenate(state: WorkflowState, parts: list[tuple[str, float]], target: P
 
 
 def _long_runs(state: WorkflowState, config: WorkflowConfig, long: Mapping[str, Any], figures: Path,
-               save_figure: Any) -> dict[str, Any]:
+               save_figure: Any, evaluators: _Evaluators) -> dict[str, Any]:
     from ..analysis import EventsConfig, QConfig, analyze_trajectory, detect_events
     from ..analysis.monitor import plot_tracked
     from ..analysis.plots import plot_energy_trajectory, plot_force_parity
     from ..evaluate import cross_evaluate
-    from ..evaluate.predict import ModelEvaluator
     from ..io import read_frames
 
     md, ev, a = config.md, config.evaluation, config.analysis
     dump_ps = md.dump_every * md.timestep_fs / 1000.0
     test_ps = ev.test_steps * md.timestep_fs / 1000.0
-    models = {name: str(absolute(state, e["model"].model)) if e["model"].stage else e["model"].model
-              for name, e in long.items()}
+    reference = _reference_name(config.label.calculator)
+    models = {name: evaluators.get(e["model"]) for name, e in long.items()}
     frame_sets = {f"{name} run": str(absolute(state, e["label"]["labelled"])) for name, e in long.items()}
-    reports = cross_evaluate(models, frame_sets, dtype=ev.dtype)
+    reports = cross_evaluate(models, frame_sets)
     out: dict[str, Any] = {"cross_evaluation": [
         {"model": r.model, "frames": r.frames, "n_frames": r.summary.n_frames,
          "energy_residual_mean_meV_per_atom": r.summary.energy_residual_mean_meV_per_atom,
@@ -278,30 +336,33 @@ def _long_runs(state: WorkflowState, config: WorkflowConfig, long: Mapping[str, 
         sc_md, run = state.result(f"eval/sc/{name}/md"), e["md"]
         full = state.stage_dir(f"eval/long/{name}") / "full-trajectory.extxyz"
         frames = _concatenate(state, [(sc_md["trajectories"][0], 0.0), (run["trajectories"][0], test_ps)], full)
-        times_ns = np.array([f.info["run_time_ps"] for f in frames]) / 1000.0
+        times_ps = np.array([f.info["run_time_ps"] for f in frames])
         labelled = read_frames(absolute(state, e["label"]["labelled"]))
-        dft_t = np.array([f.info["run_time_ps"] for f in labelled]) / 1000.0
-        dft_e = np.array([f.info["REF_energy"] for f in labelled])
-        cross = {f"{r.model} on these frames": (dft_t, np.array([p.energy_model_eV for p in r.per_frame]))
+        ref_t = np.array([f.info["run_time_ps"] for f in labelled])
+        ref_e = np.array([f.info["REF_energy"] for f in labelled])
+        cross = {f"{r.model} on these frames": (ref_t, np.array([p.energy_model_eV for p in r.per_frame]))
                  for r in reports if r.frames == f"{name} run"}
         md_e = np.array([f.info.get("md_energy", np.nan) for f in frames])
-        fig, data = plot_energy_trajectory(times_ns, md_e, dft_t, dft_e, cross, label=f"MD ({name})")
+        events = detect_events(frames, EventsConfig(frame_interval_ps=dump_ps,
+                                                    persistence_frames=a.events_persistence_frames))
+        fig, data = plot_energy_trajectory(times_ps, md_e, ref_t, ref_e, cross, label=f"MD ({name})",
+                                           reference=reference, events=events.events,
+                                           title=f"Test and long run of {name}")
         save_figure(fig, data, figures / f"long-{name}-energy.png",
-                    caption=f"Potential energy along the long run of {name} (its own MD), reference labels "
-                            "and every final model evaluated on the labelled frames.")
+                    caption=f"Potential energy along the test and long runs of {name} (its own MD, grey), "
+                            f"{reference} single points (black) and every final model evaluated on those "
+                            f"frames (cross-evaluation, open markers); vertical lines: events "
+                            f"({len(events.events)} found).")
         # Force parity of the model on its own long run.
-        evaluator = ModelEvaluator(models[name], dtype=ev.dtype)
-        preds = evaluator.predict(labelled)
+        preds = models[name].predict(labelled)
         ref_f = np.vstack([f.arrays["REF_forces"] for f in labelled])
         pred_f = np.vstack([p.forces_eV_per_A for p in preds])
         symbols = [s for f in labelled for s in f.get_chemical_symbols()]
         fig, data = plot_force_parity(ref_f, pred_f, symbols, title=f"{name} on its long run")
         save_figure(fig, data, figures / f"long-{name}-force-parity.png",
                     caption=f"Force components of {name} against the reference on its long-run frames, per element.")
-        # Events and Q(t) of the atoms involved, against the model's training data.
-        events = detect_events(frames, EventsConfig(frame_interval_ps=dump_ps,
-                                                    persistence_frames=a.events_persistence_frames))
-        entry: dict[str, Any] = {"n_frames": len(frames), "duration_ps": float(times_ns[-1] * 1000.0),
+        # Q(t) of the atoms of the events, against the model's training data.
+        entry: dict[str, Any] = {"n_frames": len(frames), "duration_ps": float(times_ps[-1]),
                                  "events": [ev_.to_dict() for ev_ in events.events], "event_warnings": events.warnings}
         m: ModelInfo = e["model"]
         if m.stage:
@@ -444,4 +505,157 @@ def _adaptive_labels(results: Mapping[str, StrategyResult], sc: Mapping[str, Any
         if rmse is not None and rmse <= target:
             out.update(adaptive_model=m.name, adaptive_labels=m.n_frames, adaptive_rmse_meV_per_atom=rmse)
             break
+    return out
+
+
+def _reference_name(calculator: str) -> str:
+    return {"vasp": "VASP", "cp2k": "CP2K", "xtb": "xTB", "espresso": "QE"}.get(calculator, calculator)
+
+
+# ---------------------------------------------------------------------------- bond lengths by generator
+def _bonds_by_generator(state: WorkflowState, results: Mapping[str, StrategyResult], figures: Path,
+                        save_figure: Any) -> dict[str, Any]:
+    """O-H bond lengths of the labelled data the universal model generated against the data FT1
+    generated (the study: U stretches O-H). Each frame's generator is the model of the trajectory
+    piece it was extracted from (``source_file``), over every strategy of the report."""
+    from ..analysis.geometry import PairRule, bond_length_distributions
+    from ..analysis.plots import plot_bond_histograms
+    from ..io import read_frames
+
+    generator: dict[str, str] = {}
+    for result in results.values():
+        for seg in result.segments:
+            generator[str(seg.get("trajectory"))] = str(seg.get("model"))
+    by_model: dict[str, list] = {}
+    for result in results.values():
+        for path in result.labelled:
+            for atoms in read_frames(absolute(state, path)):
+                model = generator.get(str(atoms.info.get("source_file")))
+                if model is not None:
+                    by_model.setdefault(model, []).append(atoms)
+    pick = [m for m in ("U", "FT1") if by_model.get(m)]
+    if len(pick) < 2:
+        return {}
+    rule = PairRule.parse("O-H:1.25")
+    dists = {f"{m} data ({len(by_model[m])} frames)": bond_length_distributions(by_model[m], [rule], 0.02)
+             for m in pick}
+    if not any(d[rule.label].n_bonds for d in dists.values()):
+        return {}
+    fig, data = plot_bond_histograms(dists)
+    save_figure(fig, data, figures / "bonds-OH-U-vs-FT1.png",
+                caption="O-H bond-length distributions (bonded: d < 1.25 Å) of the labelled frames generated "
+                        "with the universal model U (every strategy's U trajectories) and with FT1 (periodic "
+                        "segment 1); legend: mean bond length.")
+    return {"pair": str(rule), "datasets": [{"name": name, **d[rule.label].to_dict()} for name, d in dists.items()]}
+
+
+# ------------------------------------------------------------------------------ independent test set
+def _independent(config: WorkflowConfig, results: Mapping[str, StrategyResult], figures: Path, save_figure: Any,
+                 offset: float, evaluators: _Evaluators) -> dict[str, Any]:
+    """Every model on ``evaluation.independent`` (labelled frames no strategy sampled), with errors
+    binned by the frames' reference energy per atom (equal-count bins)."""
+    from ..analysis.plots import plot_binned_errors
+    from ..analysis.stats import quantile_bins
+    from ..evaluate import evaluate_model
+    from ..evaluate.driver import load_labelled_frames
+    from ..io import reference_energy
+
+    path = Path(str(config.evaluation.independent))
+    frames = load_labelled_frames(path)
+    e_ref = np.array([float(reference_energy(a)) / len(a) for a in frames])  # type: ignore[arg-type]
+    edges = quantile_bins(e_ref, n_bins=max(1, min(5, len(frames) // 4)))
+    residuals: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {"file": path.name, "n_frames": len(frames), "energy_bins_eV_per_atom": edges.tolist(),
+                           "models": {}}
+    for m in _models(results):
+        rep = evaluate_model(evaluators.get(m), frames, model_name=m.name)
+        shift = offset if m.name == "U" else 0.0
+        r = np.array([f.energy_residual_meV_per_atom for f in rep.per_frame]) - shift
+        residuals[m.name] = r
+        out["models"][m.name] = {"mean_meV_per_atom": float(r.mean()), "rmse_meV_per_atom": float(np.sqrt(np.mean(r**2))),
+                                 "force_rmse_eV_per_A": rep.summary.force_rmse_eV_per_A,
+                                 "aligned_by_meV_per_atom": shift}
+    fig, data = plot_binned_errors(e_ref, residuals, edges, reference=_reference_name(config.label.calculator))
+    out["bins"] = data["bins"]
+    save_figure(fig, data, figures / "independent-errors.png",
+                caption=f"Independent test set ({path.name}, {len(frames)} labelled frames no strategy sampled): "
+                        "every model's (E_model - E_ref)/N, mean ± std per bin of reference energy per atom "
+                        "(equal-count bins)." + (f" U after removing its mean offset to the labeller "
+                                                  f"({offset:.1f} meV/atom)." if offset else ""))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- verdict
+def verdict(report: Mapping[str, Any], results: Mapping[str, StrategyResult]) -> dict[str, Any]:
+    """The table the report opens with and its headline: per model the self-consistent residual,
+    force RMSE, long-run residual (its own long run), events found and frames used; which final
+    model is better (naive vs periodic when both ran, else the last model vs U), by how much, on
+    what."""
+    sc = report.get("self_consistent", {})
+    long = report.get("long_runs", {})
+    own_long = {c["model"]: c for c in long.get("cross_evaluation", []) if c["frames"] == f"{c['model']} run"}
+    rows = []
+    for strategy, result in results.items():
+        for m in result.models:
+            if any(r["model"] == m.name for r in rows):
+                continue
+            s = sc.get(m.name, {})
+            run = long.get("runs", {}).get(m.name)
+            rows.append({
+                "model": m.name, "strategy": "universal" if not m.stage else strategy,
+                "frames_used": m.n_frames,
+                "sc_mean_meV_per_atom": s.get("mean_meV_per_atom"), "sc_rmse_meV_per_atom": s.get("rmse_meV_per_atom"),
+                "sc_n_frames": s.get("n_frames"), "force_rmse_eV_per_A": s.get("force_rmse_eV_per_A"),
+                "aligned_by_meV_per_atom": s.get("aligned_by_meV_per_atom") or 0.0,
+                "long_rmse_meV_per_atom": own_long.get(m.name, {}).get("energy_residual_rmse_meV_per_atom"),
+                "long_n_frames": own_long.get(m.name, {}).get("n_frames"),
+                "events": None if run is None else [e["label"] for e in run["events"]],
+                "final": m is result.models[-1]})
+    pairs = []
+    if "naive" in results and "periodic" in results:
+        pairs.append(("naive", results["naive"].models[-1].name, "periodic", results["periodic"].models[-1].name))
+    else:
+        for strategy, result in results.items():
+            if len(result.models) > 1:
+                pairs.append(("universal", result.models[0].name, strategy, result.models[-1].name))
+    comparisons = [c for c in (_compare(a, ma, b, mb, sc, own_long) for a, ma, b, mb in pairs) if c]
+    return {"rows": rows, "comparisons": comparisons,
+            "headline": " ".join(c["text"] for c in comparisons) or "No model has a self-consistent test yet."}
+
+
+def _compare(left: str, left_model: str, right: str, right_model: str, sc: Mapping[str, Any],
+             own_long: Mapping[str, Any]) -> dict[str, Any] | None:
+    a, b = sc.get(left_model), sc.get(right_model)
+    if not a or not b:
+        return None
+    ra, rb = a["rmse_meV_per_atom"], b["rmse_meV_per_atom"]
+    better, worse = ((right, right_model, rb), (left, left_model, ra)) if rb <= ra else \
+        ((left, left_model, ra), (right, right_model, rb))
+    diff = worse[2] - better[2]
+    rel = diff / worse[2] if worse[2] > 0 else 0.0
+    n = min(a["n_frames"], b["n_frames"])
+    text = (f"{better[0].capitalize()} ({better[1]}) beats {worse[0]} ({worse[1]}) on the self-consistent test: "
+            f"energy RMSE {better[2]:.2f} vs {worse[2]:.2f} meV/atom, {diff:.2f} meV/atom ({100 * rel:.0f} %) lower, "
+            f"on {a['n_frames']} and {b['n_frames']} frames of each model's own trajectory.")
+    out: dict[str, Any] = {"better": better[1], "worse": worse[1], "metric": "self-consistent energy RMSE",
+                           "better_meV_per_atom": better[2], "worse_meV_per_atom": worse[2],
+                           "difference_meV_per_atom": diff, "relative": rel,
+                           "n_frames": [a["n_frames"], b["n_frames"]]}
+    pair = f"{better[1]} vs {worse[1]}"
+    fa, fb = a.get("force_rmse_eV_per_A"), b.get("force_rmse_eV_per_A")
+    if fa is not None and fb is not None:
+        f_better, f_worse = (fb, fa) if better[1] == right_model else (fa, fb)
+        text += f" Force RMSE ({pair}): {f_better:.3f} vs {f_worse:.3f} eV/Å."
+    la, lb = own_long.get(left_model), own_long.get(right_model)
+    if la and lb:
+        l_better, l_worse = (lb, la) if better[1] == right_model else (la, lb)
+        text += (f" Long runs ({pair}): {l_better['energy_residual_rmse_meV_per_atom']:.2f} vs "
+                 f"{l_worse['energy_residual_rmse_meV_per_atom']:.2f} meV/atom on their own labelled frames.")
+    shifted = [(name, s["aligned_by_meV_per_atom"]) for name, s in ((left_model, a), (right_model, b))
+               if s.get("aligned_by_meV_per_atom")]
+    for name, shift in shifted:
+        text += f" {name} is scored after subtracting its mean offset to the labeller ({shift:.1f} meV/atom)."
+    if n < 5:
+        text += f" With {n} frames per model this is an indication, not a measurement (the study labels 11)."
+    out["text"] = text
     return out
