@@ -123,7 +123,10 @@ def md_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model: 
                 "thermo": [rel(state, r.thermo) for r in results],
                 "finals": [rel(state, r.final) for r in results],
                 "steps": steps, "timestep_fs": md.timestep_fs,
-                "trajectory_sha256": [sha256_file(r.trajectory) for r in results]}
+                "trajectory_sha256": [sha256_file(r.trajectory) for r in results],
+                # the next segment starts from the finals and the report reads the thermo files:
+                # recorded so that a rerun refuses them changed (WorkflowState.verify_outputs)
+                "outputs": {rel(state, f): sha256_file(f) for r in results for f in (r.thermo, r.final)}}
 
     return state.run(name, inputs, run, deps=deps)
 

@@ -9,7 +9,9 @@ work there (LAMMPS restart files, per-frame label directories). So a rerun after
 - refuses, naming the stage and the changed settings, when the inputs of a finished stage
   changed, unless ``--from STAGE`` asks to redo that stage and everything after it;
 - resumes an unfinished stage with unchanged inputs, and starts an unfinished stage whose
-  inputs changed afresh (its folder holds work for other inputs).
+  inputs changed afresh (its folder holds work for other inputs);
+- refuses to reuse a finished stage whose outputs changed since it finished (a file its result
+  names with a content hash was edited, truncated or removed), naming the file and ``--from``.
 
 Several processes may share one directory (the Slurm jobs of parallel branches): every save
 merges, under a file lock, the stages this process changed into the file as it is now. With
@@ -25,6 +27,7 @@ import hashlib
 import json
 import shutil
 import threading
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -48,6 +51,66 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: value}
+
+
+# Result keys naming one output file whose content hash the stage records under "sha256".
+_PATH_KEYS = ("labelled", "frames", "model", "lammps_model", "structure", "file")
+# Result keys naming a list of files, with the key holding their hashes in the same order.
+_LIST_KEYS = {"trajectories": "trajectory_sha256", "subsets": "sha256"}
+
+
+def recorded_outputs(result: Mapping[str, Any]) -> dict[str, str]:
+    """``{path relative to the workflow directory: sha256}`` of the files a stage's result names
+    with a recorded hash: its ``outputs`` map, a single path with ``sha256`` (label, extract,
+    fine-tune, export, start, isolated atoms) and path lists with their hash lists (MD
+    trajectories, naive subsets)."""
+    outputs: dict[str, str] = {}
+    explicit = result.get("outputs")
+    if isinstance(explicit, Mapping):
+        outputs.update({str(k): str(v) for k, v in explicit.items()})
+    digest = result.get("sha256")
+    if isinstance(digest, str):
+        paths = [result[k] for k in _PATH_KEYS if isinstance(result.get(k), str)]
+        if len(paths) == 1:  # more than one path: the hash's file is ambiguous, recorded via outputs
+            outputs.setdefault(paths[0], digest)
+    for paths_key, hashes_key in _LIST_KEYS.items():
+        paths, hashes = result.get(paths_key), result.get(hashes_key)
+        if isinstance(paths, list) and isinstance(hashes, list) and len(paths) == len(hashes):
+            for path, h in zip(paths, hashes):
+                if isinstance(path, str) and isinstance(h, str):
+                    outputs.setdefault(path, h)
+    return outputs
+
+
+# (resolved path) -> (size, mtime_ns, sha256): every reuse of a finished stage checks its
+# outputs, and the trajectories of a long run are hundreds of MB, so a file is hashed once per
+# process unless its size or modification time changed.
+_HASH_CACHE: dict[str, tuple[int, int, str]] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def _cached_sha256(path: Path, stat: os.stat_result) -> str:
+    from ..io import sha256_file
+
+    key = str(path)
+    with _HASH_LOCK:
+        hit = _HASH_CACHE.get(key)
+    if hit is not None and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
+        return hit[2]
+    digest = sha256_file(path)
+    with _HASH_LOCK:
+        _HASH_CACHE[key] = (stat.st_size, stat.st_mtime_ns, digest)
+    return digest
+
+
+def _remember_sha256(path: Path, digest: str) -> None:
+    """Seed the cache with the hash a stage just computed of the file it wrote."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return
+    with _HASH_LOCK:
+        _HASH_CACHE[str(path)] = (stat.st_size, stat.st_mtime_ns, digest)
 
 
 class WorkflowState:
@@ -116,7 +179,44 @@ class WorkflowState:
         entry = self.data["stages"].get(name)
         if not entry or entry.get("status") != "done":
             raise StateError(f"stage {name} has not finished")
+        self.verify_outputs(name, entry)
         return entry["result"]
+
+    def verify_outputs(self, name: str, entry: Mapping[str, Any]) -> None:
+        """Refuse a finished stage whose recorded output files are not what it recorded."""
+        recorded = entry.get("outputs")
+        if not isinstance(recorded, Mapping):  # state written before outputs were recorded
+            recorded = {p: {"sha256": h} for p, h in recorded_outputs(entry.get("result") or {}).items()}
+        for rel_path, record in recorded.items():
+            path = self.root / rel_path
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                raise StateError(self._output_message(name, path, "is missing")) from None
+            size = record.get("bytes")
+            if size is not None and stat.st_size != size:
+                raise StateError(self._output_message(
+                    name, path, f"changed size: {stat.st_size} bytes, {size} when the stage finished"))
+            digest = _cached_sha256(path, stat)
+            if digest != record["sha256"]:
+                raise StateError(self._output_message(
+                    name, path, f"changed content: sha256 {digest[:12]}..., {record['sha256'][:12]}... "
+                    f"when the stage finished"))
+
+    def _output_message(self, name: str, path: Path, what: str) -> str:
+        return (f"stage {name} finished, but its output {path} {what}; the stages after it may not "
+                f"use it as it is. Restore the file, or redo the stage and everything after it with "
+                f"`umlipft workflow ... -o {self.root} --from {name}`")
+
+    def _record_outputs(self, result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        outputs: dict[str, dict[str, Any]] = {}
+        for rel_path, digest in recorded_outputs(result).items():
+            path = self.root / rel_path
+            if not path.is_file():
+                raise StateError(f"{rel_path}: a stage recorded this output but did not write it")
+            _remember_sha256(path, digest)
+            outputs[rel_path] = {"sha256": digest, "bytes": path.stat().st_size}
+        return outputs
 
     def fingerprint_of(self, name: str) -> str:
         return self.data["stages"][name]["fingerprint"]
@@ -166,6 +266,7 @@ class WorkflowState:
                 shutil.rmtree(folder)
             entry = None
         if entry is not None and entry.get("status") == "done":
+            self.verify_outputs(name, entry)
             if self._within_until(name):
                 self.reached_until = True
             return entry["result"]
@@ -181,8 +282,10 @@ class WorkflowState:
         t0 = time.perf_counter()
         result = func(folder)
         wall = time.perf_counter() - t0
+        outputs = self._record_outputs(result)
         with self._lock:
-            self.data["stages"][name].update({"status": "done", "result": result, "wall_s": round(wall, 3)})
+            self.data["stages"][name].update({"status": "done", "result": result, "outputs": outputs,
+                                              "wall_s": round(wall, 3)})
             self.save()
         self.journal("stage_done", stage=name, wall_s=wall)
         if self._within_until(name):

@@ -347,7 +347,8 @@ def _select_outside_stage(state: WorkflowState, config: WorkflowConfig, name: st
                                "mean_q_ratio": score, "strategy": "adaptive", "iteration": iteration})
             out.append(atoms)
         path = write_frames(folder / "frames.extxyz", out)
-        return {"frames": rel(state, path), "n_frames": len(out), "scores": [c[0] for c in chosen]}
+        return {"frames": rel(state, path), "n_frames": len(out), "scores": [c[0] for c in chosen],
+                "sha256": sha256_file(path)}
 
     return state.run(name, {"pieces": pieces, "n": config.frames_per_segment}, run,
                      deps=[*pieces, *[p.removesuffix("/md") + "/monitor" for p in pieces]])
