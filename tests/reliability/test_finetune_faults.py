@@ -28,7 +28,7 @@ import pytest
 from reliability_helpers import assert_message, run_umlipft
 
 from tolerances import FINETUNE_RESTART_WEIGHT_ABS
-from umlipft.errors import ExternalProgramError
+from umlipft.errors import ExternalProgramError, InputError
 from umlipft.finetune import FinetuneConfig, finetune
 from umlipft.finetune.driver import (MACE_TESTED_VERSION, NO_VALIDATION_SPLIT, EpochProgress, FinetuneResult,
                                      TrainingMonitor, mace_version)
@@ -169,6 +169,21 @@ def test_a_changed_metrics_format_stops_the_fine_tune(tmp_path: Path, change: st
     message = str(err.value)
     assert expected in message and str(tmp_path / "metrics.txt") in message
     assert f"mace-torch {MACE_TESTED_VERSION}" in message and f"mace-torch {mace_version()}" in message
+
+
+def test_the_second_e0_check_reads_the_initial_record(tmp_path: Path) -> None:
+    """mace-torch's own evaluation of the model it built, before the first step, is held to
+    max_start_error_meV_per_atom (not when resuming: that model is a checkpoint)."""
+    lines = _mace_records(tmp_path)
+    record = json.loads(lines[0])
+    record["rmse_e_per_atom"] = 0.35  # 350 meV/atom: the E0 trap, half sprung
+    monitor = _monitor(tmp_path)
+    with pytest.raises(InputError, match="starting model has an energy RMSE of 350.0 meV/atom"):
+        monitor.feed(json.dumps(record))
+    resumed = _monitor(tmp_path)
+    resumed.guard = False
+    resumed.feed(json.dumps(record))
+    assert resumed.initial == pytest.approx((350.0, 50.0))
 
 
 @pytest.mark.parametrize("index, key, value, expected", [
