@@ -123,6 +123,11 @@ Paths check_paths(const std::vector<int64_t> &sh_start, const std::vector<int64_
     paths.out_start.push_back(out);
     out += sh_dim[p];
   }
+  // The loops address a node's output (and its gradient) as C * sh_total values: paths that
+  // leave a row out would make that stride larger than the output's row.
+  TORCH_CHECK(out == sh_total, "umlipft::scalar_conv: the paths cover ", out, " of the ", sh_total,
+              " spherical-harmonic rows of sh; the kernel needs every row in exactly one path "
+              "(export with --no-kernels)");
   return paths;
 }
 
@@ -219,6 +224,12 @@ Inputs check_inputs(const Tensor &node_feats, const Tensor &weights, const Tenso
               "umlipft::scalar_conv: float32 or float64 only");
   TORCH_CHECK(sender.scalar_type() == torch::kLong && receiver.scalar_type() == torch::kLong,
               "umlipft::scalar_conv: edge indices must be int64");
+  TORCH_CHECK(weights.device().is_cpu() && sh.device().is_cpu() && sender.device().is_cpu() &&
+                  receiver.device().is_cpu(),
+              "umlipft::scalar_conv: weights, sh, sender and receiver must be on the CPU with node_feats");
+  TORCH_CHECK(sender.dim() == 1 && receiver.dim() == 1,
+              "umlipft::scalar_conv: sender and receiver must be 1-D [E], got ", sender.sizes(), " and ",
+              receiver.sizes());
   Inputs in;
   in.x = node_feats.contiguous();
   in.w = weights.contiguous();
@@ -277,6 +288,11 @@ class ScalarConv : public torch::autograd::Function<ScalarConv> {
     const int64_t num_nodes = x.size(0), C = x.size(1), S = y.size(1), num_edges = sender.numel();
     const Paths paths = check_paths(sh_start, sh_dim, weight_block, S, w.size(1) / C);
     const Tensor grad_out = grad_outputs[0].contiguous();
+    TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == num_nodes && grad_out.size(1) == C * S &&
+                    grad_out.scalar_type() == x.scalar_type() && grad_out.device().is_cpu(),
+                "umlipft::scalar_conv: the output gradient must be [", num_nodes, ", ", C * S, "] ",
+                x.scalar_type(), " on the CPU like the output, got ", grad_out.sizes(), " ",
+                grad_out.scalar_type());
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_y = ctx->needs_input_grad(2);
     Tensor grad_w = need_w ? torch::empty_like(w) : Tensor();
@@ -335,7 +351,19 @@ ProductPlan make_product_plan(const Tensor &x, const Tensor &species, const Tens
               "umlipft::symmetric_contraction: packed must be 2-D with the dtype of x");
   TORCH_CHECK(species.scalar_type() == torch::kLong && species.dim() == 1 && species.size(0) == x.size(0),
               "umlipft::symmetric_contraction: species must be int64 [N]");
+  TORCH_CHECK(species.device().is_cpu() && packed.device().is_cpu(),
+              "umlipft::symmetric_contraction: species and packed must be on the CPU with x");
+  TORCH_CHECK(x.is_contiguous() && species.is_contiguous() && packed.is_contiguous(),
+              "umlipft::symmetric_contraction: x, species and packed must be contiguous");
+  TORCH_CHECK(P.C > 0 && P.L > 0, "umlipft::symmetric_contraction: spec C=", P.C, " and L=", P.L,
+              " must be positive");
   P.element_stride = packed.size(1);
+  const int64_t CL = P.C * P.L;    // both bounded by the sizes of x: no overflow
+  // A block of C*L*rows values at `off` lies inside an element's row of packed (division, not
+  // multiplication, so that huge malformed values cannot wrap around).
+  const auto fits = [&](int64_t off, int64_t rows) {
+    return off >= 0 && rows >= 0 && off <= P.element_stride && rows <= (P.element_stride - off) / CL;
+  };
   int64_t out = 0;
   P.max_r0 = P.max_r1 = 0;
   for (int64_t j = 0; j < P.num_contractions; ++j) {
@@ -345,10 +373,28 @@ ProductPlan make_product_plan(const Tensor &x, const Tensor &species, const Tens
     TORCH_CHECK(c.corr >= 1 && c.corr <= 3, "umlipft::symmetric_contraction: correlation ", c.corr,
                 " is not supported by the kernel (1-3); export with --no-kernels");
     const int64_t t1_rows = c.corr == 3 ? c.R1 : c.dim_out;
-    TORCH_CHECK(c.out_col == out && c.R0 > 0 && c.t0_off + P.C * P.L * c.R0 <= P.element_stride &&
-                    (c.corr == 1 || c.t1_off + P.C * P.L * t1_rows <= P.element_stride) &&
-                    (c.corr < 3 || c.t2_off + P.C * P.L * c.dim_out <= P.element_stride),
-                "umlipft::symmetric_contraction: contraction ", j, " does not fit the packed tensors");
+    TORCH_CHECK(c.dim_out > 0 && c.R0 > 0 && c.R1 >= 0 && (c.corr < 3 || c.R1 > 0),
+                "umlipft::symmetric_contraction: contraction ", j, ": dim_out=", c.dim_out, ", R0=", c.R0,
+                ", R1=", c.R1, " must be positive (R1 for correlation 3)");
+    TORCH_CHECK(c.out_col == out, "umlipft::symmetric_contraction: contraction ", j, " starts at output column ",
+                c.out_col, ", expected ", out, " (the previous contractions' C*dim_out columns)");
+    TORCH_CHECK(fits(c.t0_off, c.R0) && (c.corr == 1 || fits(c.t1_off, t1_rows)) &&
+                    (c.corr < 3 || fits(c.t2_off, c.dim_out)),
+                "umlipft::symmetric_contraction: contraction ", j, " does not fit the packed tensors (",
+                P.element_stride, " values per element; offsets ", c.t0_off, ", ", c.t1_off, ", ", c.t2_off,
+                " and C*L*rows blocks must lie inside)");
+    // Stage sizes the loops index scratch with: a0 holds R0 values, a1 R1; the last stage reads
+    // dim_out*L of its input (a0 for correlation 2, a1 for 3), correlation 3's middle stage L*R1
+    // of a0, and correlation 1 copies dim_out values of a0.
+    const int64_t last_in = c.corr == 1 ? c.dim_out : c.dim_out * P.L;
+    TORCH_CHECK((c.corr == 1 && c.R0 == last_in) || (c.corr == 2 && c.R0 == last_in) ||
+                    (c.corr == 3 && c.R1 == last_in && c.R0 == P.L * c.R1),
+                "umlipft::symmetric_contraction: contraction ", j, " (correlation ", c.corr, ") has R0=", c.R0,
+                ", R1=", c.R1, "; expected ",
+                c.corr == 1   ? "R0 = dim_out"
+                : c.corr == 2 ? "R0 = dim_out * L"
+                              : "R1 = dim_out * L and R0 = L * R1",
+                " (dim_out=", c.dim_out, ", L=", P.L, ")");
     out += P.C * c.dim_out;
     P.max_r0 = std::max(P.max_r0, c.R0);
     P.max_r1 = std::max(P.max_r1, c.R1);
@@ -392,6 +438,11 @@ class SymmetricContraction : public torch::autograd::Function<SymmetricContracti
     const Tensor &x = saved[0], &species = saved[1], &packed = saved[2];
     const ProductPlan plan = make_product_plan(x, species, packed, ctx->saved_data["spec"].toIntVector());
     const Tensor grad_out = grad_outputs[0].contiguous();
+    TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == plan.layout.out_stride &&
+                    grad_out.scalar_type() == x.scalar_type() && grad_out.device().is_cpu(),
+                "umlipft::symmetric_contraction: the output gradient must be [", x.size(0), ", ",
+                plan.layout.out_stride, "] ", x.scalar_type(), " on the CPU like the output, got ", grad_out.sizes(),
+                " ", grad_out.scalar_type());
     Tensor grad_x = torch::empty_like(x);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "umlipft_symmetric_contraction_backward", [&] {
       const ProductArgs<scalar_t> args{x.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), nullptr,
@@ -444,7 +495,11 @@ class FrozenLinear : public torch::autograd::Function<FrozenLinear> {
     TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && weight_t.dim() == 2 &&
                     input.size(1) == weight.size(0) && weight_t.size(0) == weight.size(1) &&
                     weight_t.size(1) == weight.size(0),
-                "umlipft::linear: input [M, K], weight [K, N] and weight_t [N, K] expected");
+                "umlipft::linear: input [M, K], weight [K, N] and weight_t [N, K] expected, got ", input.sizes(),
+                ", ", weight.sizes(), " and ", weight_t.sizes());
+    TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight_t.scalar_type() == input.scalar_type() &&
+                    weight.device() == input.device() && weight_t.device() == input.device(),
+                "umlipft::linear: input, weight and weight_t must share one dtype and device");
     TORCH_CHECK(!weight.requires_grad() && !weight_t.requires_grad(),
                 "umlipft::linear is for frozen (exported) weights: they must not require gradients");
     ctx->save_for_backward({weight, weight_t});

@@ -306,3 +306,38 @@ def test_symmetric_contraction_species_out_of_range_is_refused():
     x = torch.randn(2, 8, 9, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="species 5 out of range for 3 elements"):
         torch.ops.umlipft.symmetric_contraction(x, torch.tensor([0, 5]), kernel.kernel_packed, kernel.kernel_spec)
+
+
+def test_malformed_spec_or_paths_are_refused_before_the_loops_index_scratch():
+    """Shape relations the loops rely on (issue 13): each malformed spec would index past a
+    buffer (scratch, packed or the output) if it reached the kernel."""
+    from umlipft.models.fast import KernelSymmetricContraction
+
+    kernel = KernelSymmetricContraction(mace_contraction(3, "8x0e"))
+    spec, packed = list(kernel.kernel_spec), kernel.kernel_packed
+    x = torch.randn(2, 8, 9, dtype=torch.float64)
+    species = torch.tensor([0, 2])
+    assert torch.ops.umlipft.symmetric_contraction(x, species, packed, spec).shape == (2, 8)
+    corr, d_out, r0, r1 = spec[3:7]
+    assert corr == 3 and r0 == 9 * r1  # the relation the middle stage's scratch indexing assumes
+    bigger_r1 = spec[:6] + [r1 + 1] + spec[7:]
+    with pytest.raises(RuntimeError, match=r"contraction 0 \(correlation 3\) has R0=.*R1 = dim_out \* L"):
+        torch.ops.umlipft.symmetric_contraction(x, species, packed, bigger_r1)
+    negative_offset = spec[:7] + [-8] + spec[8:]
+    with pytest.raises(RuntimeError, match="contraction 0 does not fit the packed tensors"):
+        torch.ops.umlipft.symmetric_contraction(x, species, packed, negative_offset)
+    huge_r0 = spec[:5] + [2**61] + spec[6:]  # C*L*R0 would wrap around in int64
+    with pytest.raises(RuntimeError, match="contraction 0"):
+        torch.ops.umlipft.symmetric_contraction(x, species, packed, huge_r0)
+    with pytest.raises(RuntimeError, match="packed must be 2-D with the dtype of x"):
+        torch.ops.umlipft.symmetric_contraction(x, species, packed.float(), spec)
+
+    # scalar_conv: a node's output is C * (rows of sh) values; paths leaving a row out would
+    # make the kernel write past the end of the output
+    xs = torch.randn(3, 4, dtype=torch.float64)
+    w = torch.randn(2, 4, dtype=torch.float64)
+    y = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="paths cover 1 of the 4 spherical-harmonic rows"):
+        torch.ops.umlipft.scalar_conv(xs, w, y, torch.tensor([0, 1]), torch.tensor([1, 2]), [0], [1], [0])
+    with pytest.raises(RuntimeError, match="sender and receiver must be 1-D"):
+        torch.ops.umlipft.scalar_conv(xs, w, y, torch.tensor([[0, 1]]), torch.tensor([[1, 2]]), [0], [4], [0])
