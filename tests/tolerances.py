@@ -71,6 +71,10 @@ LAMMPSLIB_VS_LMP_STRESS_EV_A3 = 1e-12
 # A refused plan must come back before anything runs: the issue's bound for the bad values,
 # measured 0.6-1.5 s here (CLI start, config load, every stage's config built, preflights).
 PLAN_CHECK_MAX_S = 20.0
+# The study-shaped CP2K workflow's first fine-tune starts from the labeller's isolated-atom E0s
+# plus a fitted per-element term: its predicted starting error is that fit's residual over two
+# frames of one composition (~0); with the foundation's E0s it would be ~1e5 meV/atom.
+CP2K_STUDY_MAX_START_ERROR_MEV_PER_ATOM = 50.0
 # --- finetune reliability (issue 13) ---
 # umlipft finetune against mace_run_train by hand, same data, split, settings and seed, float32:
 # the same mace-torch code on the same batches; torch's threaded CPU sums are not bitwise
