@@ -654,16 +654,24 @@ class TrainingMonitor:
                                   f"{', '.join(map(str, missing))} of {self.cfg.epochs}", self.path)
 
 
-def _die_with_parent() -> None:
-    """In the training subprocess: exit when the driver dies (SIGKILL included), so that a
-    killed fine-tune leaves nothing writing into its output while a rerun starts (the output
-    lock is the driver's, not the subprocess's)."""
+def _die_with_parent() -> Callable[[], None] | None:
+    """``preexec_fn`` for the training subprocess (Linux): it exits when the driver dies, SIGKILL
+    included, so that a killed fine-tune leaves nothing writing into its output while a rerun
+    starts (the output lock is the driver's, not the subprocess's). ``prctl`` is looked up here,
+    in the parent: the forked child of a threaded workflow must not import anything."""
+    if not sys.platform.startswith("linux"):
+        return None  # elsewhere the driver still terminates training on every exit it sees
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass  # not Linux: the driver still terminates training on every exit it sees
+        return None
+
+    def set_parent_death_signal() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return set_parent_death_signal
 
 
 def _run_mace(args: list[str], log_path: Path, monitor: TrainingMonitor, *, poll_s: float = 0.25) -> None:
@@ -676,7 +684,7 @@ def _run_mace(args: list[str], log_path: Path, monitor: TrainingMonitor, *, poll
         log_file.write(f"$ {' '.join(cmd)}\n")
         log_file.flush()
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                preexec_fn=_die_with_parent())
         try:
             while True:
                 rc = proc.poll()
