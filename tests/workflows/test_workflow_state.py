@@ -76,10 +76,15 @@ def test_from_unknown_stage_and_until(tmp_path: Path) -> None:
 def test_profiles_examples_and_config_errors(tmp_path: Path) -> None:
     quick = load_workflow_config(EXAMPLES / "workflow-quick.yaml")
     assert quick.profile == "quick" and quick.label.calculator == "xtb" and quick.md.dtype == "float32"
-    assert quick.finetune.start_from == "universal" and quick.subsets() == (2, 4)
+    assert quick.finetune.start_from == "universal" and quick.subsets() == (5, 10)
+    assert (quick.selection, quick.finetune.e0s, quick.finetune.energy_weight) == ("stride", "auto", 100.0)
     assert quick == load_workflow_config(profile="quick").replace(seed=2026)  # the example is the profile
     study = load_workflow_config(EXAMPLES / "workflow-study.yaml")
     assert study.subsets() == (10, 21, 31, 40, 50)
+    # the authors' protocol (examples/WORKFLOWS.md): MACE-MP-0b small, 11 frames on a fixed stride,
+    # new 300 K velocities at each segment start, the labeller's E0s
+    assert (study.foundation, study.frames_per_segment, study.selection) == ("small-0b", 11, "stride")
+    assert (study.md.segment_velocities, study.finetune.e0s, study.label.calculator) == ("create", "auto", "cp2k")
     assert study.md.segment_steps * study.md.timestep_fs == 1e6  # 1 ns
     assert (study.evaluation.test_steps + study.evaluation.long_steps) * study.md.timestep_fs == 9e6  # 9 ns
     bad = tmp_path / "bad.yaml"

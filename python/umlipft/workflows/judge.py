@@ -28,7 +28,8 @@ import numpy as np
 
 from ..io import atomic_write_text
 from .config import WorkflowConfig
-from .stages import absolute, elements_of, export_stage, extract_stage, label_stage, md_stage, rel
+from .stages import (absolute, elements_of, export_stage, extract_stage, label_stage, md_stage, rel,
+                     window_selection)
 from .state import Deferred, WorkflowState
 from .strategies import ModelInfo, StrategyResult, _pca_for
 
@@ -68,8 +69,8 @@ def judge(state: WorkflowState, config: WorkflowConfig, results: Mapping[str, St
             deps.append(f"{base}/md")
             if ev.self_consistent:
                 ex = extract_stage(state, config, f"{base}/extract", trajectory=run["trajectories"][0],
-                                   start_ps=test_ps / 2, stop_ps=None, count=ev.test_frames, seed=ev.seed,
-                                   deps=[f"{base}/md"], tag={"test": "self-consistent", "model": m.name})
+                                   start_ps=test_ps / 2, **window_selection(config, test_ps / 2, ev.test_frames),
+                                   seed=ev.seed, deps=[f"{base}/md"], tag={"test": "self-consistent", "model": m.name})
                 entry["label"] = label_stage(state, config, f"{base}/label", frames=ex["frames"],
                                              deps=[f"{base}/extract"])
                 deps.append(f"{base}/label")
