@@ -1,0 +1,18 @@
+"""The smallest workflow that still exercises every stage (2 iterations, a few dozen MD steps,
+1 epoch), shared by the end-to-end and verified-resume tests; ``{model}`` is the foundation file."""
+
+TINY = """\
+profile: quick
+foundation: {model}
+iterations: 2
+frames_per_segment: 2
+naive_subsets: [2, 4]
+seed: 11
+system: {{system: aqueous, n_water: 6}}
+md: {{segment_steps: 20, dump_every: 5, thermo_every: 5, restart_every: 10, dtype: float32}}
+label: {{calculator: xtb}}
+finetune: {{epochs: 1, batch_size: 1, e0s: estimated}}
+evaluation: {{test_steps: 10, test_frames: 1, long_steps: 10, long_label_every: 5}}
+analysis: {{soap_n_max: 3, soap_l_max: 2, components: 2, coverage_bins: 8}}
+adaptive: {{chunk_steps: 10}}
+"""
