@@ -148,6 +148,20 @@ class EspressoConfig(SpinSettings):
             raise ConfigError("espresso needs ecutwfc_Ry > 0 and ecutrho_Ry >= ecutwfc_Ry")
 
 
+def check_run_settings(cfg: Any) -> None:
+    """The checks shared by every labelling run's settings (LabelConfig, IsolatedAtomsConfig):
+    the code, how many frames at once, threads, time limit, and the code's own section."""
+    if cfg.calculator not in CALCULATORS:
+        raise ConfigError(f"calculator must be one of {', '.join(CALCULATORS)}, got {cfg.calculator!r}")
+    if cfg.processes < 1:
+        raise ConfigError(f"processes must be >= 1, got {cfg.processes}")
+    if cfg.threads_per_frame is not None and cfg.threads_per_frame < 1:
+        raise ConfigError(f"threads_per_frame must be >= 1, got {cfg.threads_per_frame}")
+    if cfg.timeout_s is not None and cfg.timeout_s <= 0:
+        raise ConfigError(f"timeout_s must be > 0, got {cfg.timeout_s}")
+    cfg.code_config().validate()
+
+
 @dataclasses.dataclass(frozen=True)
 class LabelConfig(DriverConfig):
     """One labelling run: FRAMES in, ``output`` (extxyz with REF_energy/REF_forces/REF_stress)
@@ -173,15 +187,7 @@ class LabelConfig(DriverConfig):
     espresso: EspressoConfig = dataclasses.field(default_factory=EspressoConfig)
 
     def validate(self) -> None:
-        if self.calculator not in CALCULATORS:
-            raise ConfigError(f"calculator must be one of {', '.join(CALCULATORS)}, got {self.calculator!r}")
-        if self.processes < 1:
-            raise ConfigError(f"processes must be >= 1, got {self.processes}")
-        if self.threads_per_frame is not None and self.threads_per_frame < 1:
-            raise ConfigError(f"threads_per_frame must be >= 1, got {self.threads_per_frame}")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
-        self.code_config().validate()
+        check_run_settings(self)
 
     def code_config(self) -> SpinSettings:
         return getattr(self, self.calculator)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from ..config import DriverConfig
 from ..errors import ConfigError, ExternalProgramError, InputError
-from .config import CALCULATORS, Cp2kConfig, EspressoConfig, SpinSettings, VaspConfig, XtbConfig
+from .config import CALCULATORS, Cp2kConfig, check_run_settings, EspressoConfig, SpinSettings, VaspConfig, XtbConfig
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -78,17 +78,9 @@ class IsolatedAtomsConfig(DriverConfig):
     espresso: EspressoConfig = dataclasses.field(default_factory=EspressoConfig)
 
     def validate(self) -> None:
-        if self.calculator not in CALCULATORS:
-            raise ConfigError(f"calculator must be one of {', '.join(CALCULATORS)}, got {self.calculator!r}")
-        if self.box_A <= 0:
+        if self.calculator in CALCULATORS and self.box_A <= 0:
             raise ConfigError(f"box_A must be > 0, got {self.box_A}")
-        if self.processes < 1:
-            raise ConfigError(f"processes must be >= 1, got {self.processes}")
-        if self.threads_per_frame is not None and self.threads_per_frame < 1:
-            raise ConfigError(f"threads_per_frame must be >= 1, got {self.threads_per_frame}")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
-        self.code_config().validate()
+        check_run_settings(self)
 
     def code_config(self) -> SpinSettings:
         return getattr(self, self.calculator)

