@@ -7,6 +7,7 @@
 #   ./setup.sh          set up only
 #   ./setup.sh run      set up, then run the main job (the quick naive-vs-periodic workflow)
 #   ./setup.sh test     set up, then run the test suite
+#   ./setup.sh test-sanitize  set up, then run the kernel tests on an ASan+UBSan kernels build
 #
 # Safe to rerun: every step is skipped or incremental when already done.
 set -euo pipefail
@@ -38,5 +39,6 @@ case "${1:-}" in
     "") echo "umlipft is set up: $VENV/bin/umlipft, $VENV/bin/lmp" ;;
     run) exec "$VENV/bin/umlipft" workflow quick --output "${UMLIPFT_RUN_DIR:-runs/quick}" ;;
     test) shift; exec "$VENV/bin/python" -m pytest "$@" ;;
-    *) echo "usage: ./setup.sh [run|test [pytest args]]" >&2; exit 2 ;;
+    test-sanitize) shift; exec bash "$ROOT/scripts/test-sanitize.sh" "$@" ;;
+    *) echo "usage: ./setup.sh [run|test [pytest args]|test-sanitize [pytest args]]" >&2; exit 2 ;;
 esac
