@@ -89,3 +89,9 @@ FINETUNE_PARITY_REL = 1e-4
 # Resuming from mace-torch's checkpoint instead (epoch 1 of 3, 4 tiny frames) left weights 0.019
 # apart and the validation energy RMSE at 60 instead of 50 meV/atom.
 FINETUNE_RESTART_WEIGHT_ABS = 1e-9
+# --- fault injection (issue 13): kill -9 at random moments, rerun, compare with an uninterrupted run ---
+# xTB (tblite, one thread) on the same frame in another worker process: the same arithmetic in
+# the same order (measured: identical labels, 0.0). A frame labelled from another structure or
+# with other settings differs by eV and tenths of eV/Å.
+LABEL_RESUME_ENERGY_EV = 1e-9
+LABEL_RESUME_FORCE_EV_A = 1e-9

@@ -176,6 +176,9 @@ def _frame_state(directory: Path, fp: str) -> tuple[str, str]:
         data = json.loads(status.read_text())
         if data.get("status") == "failed":
             return "failed", data.get("reason", "unknown")
+        if data.get("status") == "done":  # finished once: its result was removed since
+            print(f"umlipft label: {directory / RESULT} of this finished frame is missing; relabelling "
+                  "this frame", file=sys.stderr)
     return "todo", ""
 
 

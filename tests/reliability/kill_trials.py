@@ -1,0 +1,271 @@
+"""``kill -9`` trials: the real command in its own process group, SIGKILLed as a whole at a
+seeded random moment, rerun and killed again, ..., then run to completion.
+
+A moment is drawn on the timeline of an uninterrupted run of the same command (the reference),
+stratified so that the trials of one chain cover the whole run: trial k of n falls in the k-th
+n-th of it. For a command that resumes (md, label, workflow) the moment is replayed as "once
+the journal shows the progress the reference had reached just before that moment, wait the
+rest": the chain moves on through the run while every kill lands at a random point of the work
+(mid-step, mid-frame, mid-stage, while writing). For a command that starts over (a killed
+fine-tune is trained again from epoch 1) it is a plain delay from the start of the attempt.
+
+After each kill the process tree taken just before it (the group, and children in sessions of
+their own such as label workers) must be gone within a few seconds, and so must every process
+whose command line or working directory is inside the run's directory: an orphan that keeps
+writing behind a rerun's back is a failure of the trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+POLL_S = 0.02
+ORPHAN_GRACE_S = 10.0
+
+
+# ------------------------------------------------------------------------------------ processes
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time in clock ticks) of a live process; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def process_tree(root: int) -> dict[int, tuple[int, str]]:
+    """``{pid: (start time, command line)}`` of ``root`` and all its descendants."""
+    parents: dict[int, int] = {}
+    starts: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat is not None:
+                parents[int(entry.name)], starts[int(entry.name)] = stat[0], stat[2]
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in starts and pid not in tree:
+            tree[pid] = (starts[pid], _cmdline(pid))
+            frontier += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def _alive(pid: int, start: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[2] == start and stat[1] != "Z"
+
+
+def processes_in(directory: Path) -> dict[int, str]:
+    """Live processes (not this one) whose command line names ``directory`` or whose working
+    directory is inside it."""
+    found = {}
+    inside = str(directory.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        stat = _stat(pid)
+        if stat is None or stat[1] == "Z":
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            cwd = ""
+        command = _cmdline(pid)
+        if inside in command or cwd == inside or cwd.startswith(inside + "/"):
+            found[pid] = command
+    return found
+
+
+def kill_group(process: subprocess.Popen, directory: Path) -> list[str]:
+    """SIGKILL the process group of ``process`` (started with ``start_new_session``); the
+    processes of its tree, or working in ``directory``, still alive after the grace time."""
+    tree = process_tree(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + ORPHAN_GRACE_S
+    while True:
+        left = {pid: cmd for pid, (start, cmd) in tree.items() if _alive(pid, start)}
+        left.update(processes_in(directory))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for pid in left:  # leave nothing running into the next trial, but report it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return [f"{pid}: {cmd[:200]}" for pid, cmd in sorted(left.items())]
+
+
+# ------------------------------------------------------------------------------------ timelines
+@dataclasses.dataclass
+class Reference:
+    """An uninterrupted run: its wall time and when its journal showed each progress value."""
+
+    returncode: int
+    seconds: float
+    events: list[tuple[float, float]]  # (seconds since start, progress), progress increasing
+    stderr: str
+
+
+def start(command: list[str], log: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen:
+    handle = open(log, "ab")
+    try:
+        return subprocess.Popen(command, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own group: killpg reaches all of it
+    finally:
+        handle.close()
+
+
+def run_reference(command: list[str], progress: Callable[[], float], log: Path, *,
+                  env: dict[str, str] | None = None, timeout_s: float = 1200) -> Reference:
+    """Run ``command`` to completion, recording when ``progress()`` increased."""
+    t0 = time.monotonic()
+    process = start(command, log, env)
+    events: list[tuple[float, float]] = [(0.0, progress())]
+    try:
+        while process.poll() is None:
+            if time.monotonic() - t0 > timeout_s:
+                raise AssertionError(f"the reference run did not finish in {timeout_s} s")
+            value = progress()
+            if value > events[-1][1]:
+                events.append((time.monotonic() - t0, value))
+            time.sleep(POLL_S)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    seconds = time.monotonic() - t0
+    value = progress()
+    if value > events[-1][1]:
+        events.append((seconds, value))
+    return Reference(process.returncode, seconds, events, log.read_text(errors="replace"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Moment:
+    trial: int
+    reference_s: float  # where on the reference run's timeline the kill is aimed
+    after_progress: float  # wait until the journal shows this much progress ...
+    delay_s: float  # ... then this long
+
+
+def draw_moments(reference: Reference, trials: int, seed: int, *, resumes: bool) -> list[Moment]:
+    """One seeded moment per trial, trial k within the k-th ``trials``-th of the reference run
+    (up to its last journal event when the command resumes, so that a kill precedes the end)."""
+    rng = random.Random(seed)
+    span = reference.events[-2][0] if resumes and len(reference.events) > 1 else reference.seconds
+    moments = []
+    for k in range(trials):
+        t = rng.uniform(k / trials, (k + 1) / trials) * span
+        if resumes:
+            at, value = max((e for e in reference.events if e[0] <= t), key=lambda e: e[0])
+            moments.append(Moment(k, t, value, t - at))
+        else:
+            moments.append(Moment(k, t, 0.0, t))
+    return moments
+
+
+@dataclasses.dataclass
+class Attempt:
+    moment: Moment
+    directory: str
+    killed: bool  # False: the command ended before the moment came
+    returncode: int | None
+    seconds: float  # from the start of this attempt to the kill (or its end)
+    progress_at_kill: float | None
+    orphans: list[str]
+    snapshot: Any = None  # what the stage's journal said right after the kill
+
+
+def attempt(command: list[str], moment: Moment, progress: Callable[[], float], directory: Path, log: Path, *,
+            env: dict[str, str] | None = None, snapshot: Callable[[], Any] | None = None,
+            timeout_s: float = 1200) -> Attempt:
+    """Start ``command`` and kill its group at ``moment`` (if it has not ended by then)."""
+    t0 = time.monotonic()
+    process = start(command, log, env)
+    reached: float | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            if process.poll() is not None:
+                return Attempt(moment, str(directory), False, process.returncode, now - t0, None, [])
+            if now - t0 > timeout_s:
+                raise AssertionError(f"trial {moment.trial}: the moment never came in {timeout_s} s")
+            if reached is None and progress() >= moment.after_progress:
+                reached = now
+            if reached is not None and now - reached >= moment.delay_s:
+                value = progress()
+                orphans = kill_group(process, directory)
+                return Attempt(moment, str(directory), True, None, now - t0, value, orphans,
+                               snapshot() if snapshot else None)
+            time.sleep(POLL_S)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def finish(command: list[str], log: Path, *, env: dict[str, str] | None = None,
+           timeout_s: float = 1200) -> subprocess.CompletedProcess:
+    """The rerun to completion that ends a chain."""
+    with open(log, "ab") as handle:
+        done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout_s,
+                              start_new_session=True)
+    return subprocess.CompletedProcess(done.args, done.returncode, log.read_text(errors="replace"), "")
+
+
+# ------------------------------------------------------------------------------------ tallies
+@dataclasses.dataclass
+class Tally:
+    """One stage kind's outcome, as the README's reliability table reports it."""
+
+    kind: str
+    command: str
+    seed: int
+    trials: int = 0  # kills made
+    survived: int = 0  # trials after which the chain ended complete, right and without repeated work
+    frames_lost: int = 0  # frames, rows or labels of the reference missing from the final outputs
+    silent_wrong: int = 0  # chains that ended with exit 0 and outputs unlike the reference's
+    repeated_work: int = 0  # finished frames/trainings/stages done again
+    orphans: int = 0  # processes left alive by a group kill
+    reference_s: float = 0.0
+    chain_s: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
+    moments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def tally_path(default_dir: Path) -> Path:
+    """``$UMLIPFT_FAULT_INJECTION_JSON`` (scripts/fault_injection_table.py sets it), else a file
+    in pytest's temporary directory."""
+    return Path(os.environ.get("UMLIPFT_FAULT_INJECTION_JSON") or default_dir / "fault_injection.json")
+
+
+def record(path: Path, tally: Tally) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[tally.kind] = dataclasses.asdict(tally)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"\nfault injection, {tally.kind}: {tally.trials} trials, {tally.survived} survived, "
+          f"{tally.frames_lost} frames lost, {tally.silent_wrong} silent wrong results, "
+          f"{tally.repeated_work} repeated, {tally.orphans} orphans (reference {tally.reference_s:.1f} s, "
+          f"chain {tally.chain_s:.1f} s) -> {path}")
