@@ -95,3 +95,14 @@ FINETUNE_RESTART_WEIGHT_ABS = 1e-9
 # with other settings differs by eV and tenths of eV/Å.
 LABEL_RESUME_ENERGY_EV = 1e-9
 LABEL_RESUME_FORCE_EV_A = 1e-9
+# --- extrapolation watch (issue 15) ---
+# watch_q (Q, Q/limit, T² from the export's JSON) against `umlipft analyze q --descriptor mace`:
+# the same float64 features and the same PCA arithmetic, read back from JSON (repr round-trips
+# exactly); only summation order can differ. A wrong mean, component or limit misses by >1e-3.
+WATCH_VS_ANALYZE_Q_REL = 1e-6
+# LAMMPS resumed from its own restart file (positions, velocities and the thermostat's state in
+# full precision) against the uninterrupted run, float64, one thread: measured identical thermo,
+# trajectory and final frame (0.0); allowed: the reduction-order noise of another thread count.
+# A resume from an older restart file or another seed moves T by kelvins and atoms by 1e-3 Å.
+MD_RESUME_THERMO_REL = 1e-6
+MD_RESUME_POSITION_A = 1e-8
