@@ -43,6 +43,13 @@ def test_one_epoch_finetune_writes_model_and_export(finetuned: tuple[FinetuneCon
     meta = read_export_metadata(result.lammps_model_path)
     assert meta["atomic_numbers"] == [1, 3, 8, 17, 27] and meta["head"] == "Default"
     assert meta["r_max"] == pytest.approx(6.0)
+    # It carries the extrapolation watch, fitted on the frames trained on (isolated atoms dropped).
+    from umlipft.models.watch import read_watch
+
+    assert meta["watch"] is True and meta["watch_file"] == "umlipft_watch.json"
+    watch = read_watch(result.lammps_model_path)
+    assert Path(watch["training_file"]) == Path(config.output_dir) / "data" / "train.extxyz"
+    assert sum(e["n_train_atoms"] for e in watch["elements"].values()) == 2 * 170
     # The export runs in LAMMPS (its agreement with mace-torch is the plugin tests' subject).
     from sample_structures import triclinic_water_box
     from umlipft.lammps.singlepoint import lammps_single_point

@@ -77,6 +77,13 @@ def test_periodic_continues_one_trajectory_across_models(periodic_run) -> None:
     cfg1 = json.loads((root / seg1["directories"][0] / "md-config.json").read_text())["config"]
     assert cfg0["model"].endswith("export/U/U-lammps-float32.pt")
     assert cfg1["model"].endswith("export/FT1/FT1-lammps-float32.pt")
+    # FT1's export carries a watch fitted on FT1's own training frames; U has no training data here.
+    from umlipft.errors import InputError
+    from umlipft.models.watch import read_watch
+
+    assert read_watch(cfg1["model"])["training_file"].endswith("periodic/ft-01/model/data/train.extxyz")
+    with pytest.raises(InputError, match="--watch"):
+        read_watch(cfg0["model"])
     report = json.loads(periodic_run.report_json.read_text())
     assert set(report["self_consistent"]) == {"U", "FT1", "FT2"}
     assert report["long_runs"]["runs"]["FT2"]["n_frames"] >= 3

@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), help="training precision (default float64)")
     parser.add_argument("--export-dtype", choices=("float32", "float64"), help="precision of the LAMMPS export (default float64)")
     parser.add_argument("--no-export", dest="export", action="store_false", default=None)
+    parser.add_argument("--no-export-watch", dest="export_watch", action="store_false", default=None,
+                        help="export without the extrapolation watch (by default it is fitted on the training frames)")
     parser.add_argument("--mace-plots", dest="mace_plots", action="store_true", default=None,
                         help="let mace-torch plot the fit after training (evaluates every frame once more)")
     parser.add_argument("--resume-from-checkpoint", dest="resume_from_checkpoint", action="store_true", default=None,
@@ -70,7 +72,7 @@ _KEYS = ("foundation", "train_file", "valid_file", "replay_file", "output_dir", 
          "isolated_atoms_file", "labeller",
          "accept_large_start_error", "max_start_error_meV_per_atom", "epochs", "batch_size", "lr",
          "energy_weight", "forces_weight", "stress_weight", "new_frames_weight", "dtype",
-         "export_dtype", "export", "mace_plots", "seed", "device", "resume_from_checkpoint",
+         "export_dtype", "export", "export_watch", "mace_plots", "seed", "device", "resume_from_checkpoint",
          "energy_key", "forces_key", "stress_key")
 
 

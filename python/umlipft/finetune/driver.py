@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 # epochs trains again (or continues, with resume_from_checkpoint); the rest do not touch the
 # trained weights (the E0 guard's settings only decide whether to start; the E0s themselves
 # follow from e0s and data).
-_RESUMABLE_KEYS = frozenset({"epochs", "output_dir", "export_dtype", "export", "e0_check_frames",
+_RESUMABLE_KEYS = frozenset({"epochs", "output_dir", "export_dtype", "export", "export_watch", "e0_check_frames",
                              "max_start_error_meV_per_atom", "accept_large_start_error", "mace_plots",
                              "resume_from_checkpoint"})
 
@@ -135,6 +135,9 @@ class FinetuneConfig(DriverConfig):
     dtype: str = "float64"
     export: bool = True
     export_dtype: str = "float64"
+    # The export carries an extrapolation watch fitted on the frames trained on (data/train.extxyz):
+    # one forward pass of the model per frame (umlipft export --watch).
+    export_watch: bool = True
     # mace-torch's end-of-training plots (its --plot): they evaluate every training and
     # validation frame once more, which on 3 aqueous frames was 30 s of a 165 s fine-tune.
     mace_plots: bool = False
@@ -852,6 +855,7 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
     previous = _check_request(out, request)
     model_path = out / f"{config.name}.model"
     lammps_path = out / f"{config.name}-lammps-{config.export_dtype}.pt"
+    watch = str(out / "data" / "train.extxyz") if config.export_watch else None
     result_path = out / "result.json"
 
     if previous is not None and result_path.is_file() and model_path.is_file():
@@ -862,7 +866,7 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
             lammps = done.lammps_model_path
             if config.export and not lammps_path.is_file():
                 lammps = export_lammps_model(ExportConfig(model=str(model_path), output=str(lammps_path),
-                                                          dtype=config.export_dtype, optimize=True))
+                                                          dtype=config.export_dtype, optimize=True, watch=watch))
             return dataclasses.replace(done, lammps_model_path=lammps if config.export else None,
                                        epoch_times_s=(), skipped=True)
 
@@ -942,7 +946,7 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
     if config.export:
         with summary.timed("export"):
             lammps_model = export_lammps_model(ExportConfig(model=str(model_path), output=str(lammps_path),
-                                                            dtype=config.export_dtype, optimize=True))
+                                                            dtype=config.export_dtype, optimize=True, watch=watch))
     # The starting model's errors (a resumed training's first validation is of its checkpoint).
     start = earlier.initial if earlier is not None and earlier.initial is not None else monitor.initial
     result = FinetuneResult(

@@ -30,6 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--no-kernels", dest="kernels", action="store_false",
         help="optimised export without umlipft's compiled CPU kernels (pure PyTorch; for checking)")
+    export.add_argument(
+        "--watch", metavar="TRAIN.extxyz",
+        help="store an extrapolation watch fitted on these training frames: a PCA of the model's own "
+        "invariant node features with per-element Q-residual limits, read by compute mace/q")
+    export.add_argument("--watch-components", type=int, metavar="K",
+                        help="principal components of the watch (default 5, as umlipft analyze pca)")
+    export.add_argument("--watch-alpha", type=float, metavar="A",
+                        help="per-atom false-alarm probability of the watch's Q limits (default 0.01)")
     export.set_defaults(func=_export)
 
     models = subparsers.add_parser("models", help="manage offline foundation models")
@@ -46,15 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from .export import ExportConfig, export_lammps_model
 
+    if not args.watch and (args.watch_components is not None or args.watch_alpha is not None):
+        raise ConfigError("--watch-components and --watch-alpha set up the watch: give --watch TRAIN.extxyz too")
+    watch = {k: v for k, v in (("watch_components", args.watch_components), ("watch_alpha", args.watch_alpha))
+             if v is not None}
     config = ExportConfig(model=args.model, output=args.output or "", dtype=args.dtype, head=args.head,
                           elements=tuple(args.elements) if args.elements else None,
                           reference=args.reference, optimize=True if args.optimize else None,
-                          kernels=args.kernels)
+                          kernels=args.kernels, watch=args.watch, **watch)
     config.validate()
     path = export_lammps_model(config)
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (f" with a watch fitted on {config.watch}" if config.watch else ""))
     return 0
 
 

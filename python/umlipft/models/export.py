@@ -31,6 +31,10 @@ class ExportConfig(DriverConfig):
     optimize: bool | None = None
     # Optimised exports call umlipft's compiled CPU kernels when built; False keeps them pure PyTorch.
     kernels: bool = True
+    # Training frames to fit the extrapolation watch on (models/watch.py); None: no watch.
+    watch: str | None = None
+    watch_components: int = 5  # analyze pca's default (PCAConfig.components; a test keeps them equal)
+    watch_alpha: float = 0.01  # per-atom false-alarm probability of the watch's Q limits
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "float64"):
@@ -48,6 +52,14 @@ class ExportConfig(DriverConfig):
                 raise ConfigError(f"not element symbols: {' '.join(bad)} (case matters: Co, Cl, ...)")
             if not self.elements:
                 raise ConfigError("--elements needs at least one element symbol")
+        if self.watch is not None and not str(self.watch).strip():
+            raise ConfigError("--watch needs the training frames' file (extxyz), got an empty name")
+        if isinstance(self.watch_components, bool) or self.watch_components < 1:
+            raise ConfigError(f"--watch-components must be a positive number of principal components, "
+                              f"got {self.watch_components}")
+        if not 0.0 < self.watch_alpha < 1.0:
+            raise ConfigError(f"--watch-alpha (per-atom false-alarm probability) must be between 0 and 1, "
+                              f"got {self.watch_alpha}")
 
     @property
     def optimized(self) -> bool:
@@ -97,11 +109,13 @@ def export_lammps_model(config: ExportConfig) -> Path:
     from .. import __version__
     from .foundation import load_mace_model, resolve_foundation_model
     from .lammps_module import MACEEdgeGradientModel
+    from .watch import WATCH_FILE
 
     config.validate()
     source = resolve_foundation_model(config.model)
     model = load_mace_model(source, dtype=config.dtype)
     head_index, head_name = choose_head(model, config.head)
+    watch = _fit_watch(config, source, model)  # before the slow steps: a bad --watch fails fast
     wrapper = MACEEdgeGradientModel(model, head_index).eval()
     optimization: dict[str, Any] = {"optimized": False}
     if config.optimized:
@@ -109,13 +123,34 @@ def export_lammps_model(config: ExportConfig) -> Path:
     metadata = build_metadata(model, config, source, head_name, __version__)
     metadata["atomic_numbers"] = [int(z) for z in wrapper.atomic_numbers]
     metadata.update(optimization)
+    metadata["watch"] = watch is not None
+    if watch is not None:
+        metadata["watch_file"] = WATCH_FILE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e3nn and mace emit harmless scripting warnings
         scripted = jit.compile(wrapper)
     output = Path(config.output) if config.output else default_output_path(config.model, config.dtype)
+    extra_files = {METADATA_NAME: json.dumps(metadata)}
+    if watch is not None:
+        extra_files[WATCH_FILE] = json.dumps(watch, allow_nan=False)
     with atomic_path(output) as tmp:
-        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(metadata)})
+        torch.jit.save(scripted, str(tmp), _extra_files=extra_files)
     return output
+
+
+def _fit_watch(config: ExportConfig, source: Path, model) -> dict[str, Any] | None:
+    """The extrapolation watch (``--watch``), fitted on the model's invariant node features."""
+    if not config.watch:
+        return None
+    from ase.data import atomic_numbers as symbol_to_z
+
+    from .watch import fit_watch
+
+    # An element-restricted export covers only --elements: the watch's elements must be among them.
+    covered = ([symbol_to_z[e] for e in config.elements] if config.elements and config.optimized
+               else [int(z) for z in model.atomic_numbers])
+    return fit_watch(source, config.watch, n_components=config.watch_components, alpha=config.watch_alpha,
+                     covered_numbers=covered)
 
 
 # Largest |difference| from the plain mace-torch export allowed on the probe structure's edge

@@ -151,6 +151,9 @@ class FinetuneSettings(DriverConfig):
     device: str = "cpu"
     seed: int = 123
     resume_from_checkpoint: bool = False
+    # Every fine-tuned model's LAMMPS export carries an extrapolation watch fitted on the frames it
+    # was trained on (umlipft export --watch); the universal model has none (no training data).
+    export_watch: bool = True
 
     def problems(self) -> list[str]:
         if self.start_from not in START_FROM:

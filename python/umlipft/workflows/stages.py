@@ -178,15 +178,19 @@ def model_hash(state: WorkflowState, model: str) -> str:
 
 # ------------------------------------------------------------------------------------------ export
 def export_stage(state: WorkflowState, config: WorkflowConfig, model_name: str, model: str,
-                 elements: Sequence[str], deps: Sequence[str] = ()) -> str:
+                 elements: Sequence[str], deps: Sequence[str] = (), watch: str | None = None) -> str:
     """The LAMMPS export of a model for the system's elements (``umlipft export --elements``:
     element-restricted and fused, checked against mace-torch), made once and shared by every
-    MD run of that model. Returns its path relative to the workflow directory."""
+    MD run of that model. ``watch``: the frames the model was trained on (relative to the
+    workflow directory), to fit the export's extrapolation watch on (``--watch``). Returns its
+    path relative to the workflow directory."""
     dtype = config.md.dtype
     optimize = config.md.optimized_export
     inputs = {"model": model, "model_sha256": model_hash(state, model), "dtype": dtype, "elements": list(elements)}
     if not optimize:
         inputs["optimized"] = False
+    if watch is not None:
+        inputs.update(watch=watch, watch_sha256=sha256_file(absolute(state, watch)))
 
     def run(folder: Path) -> dict[str, Any]:
         from ..models.export import export_lammps_model
@@ -195,15 +199,17 @@ def export_stage(state: WorkflowState, config: WorkflowConfig, model_name: str, 
         target = str(folder / f"{model_name}-lammps-{dtype}.pt")
         fallback = None
         with TORCH_LOCK:
+            watch_file = str(absolute(state, watch)) if watch is not None else None
             try:
-                out = export_lammps_model(export_config(config, source, target, elements if optimize else None))
+                out = export_lammps_model(export_config(config, source, target, elements if optimize else None,
+                                                        watch_file))
             except Exception as err:  # noqa: BLE001 - the plain export is always valid
                 if not optimize:
                     raise
                 fallback = f"{type(err).__name__}: {err}"
                 state.log(f"export/{model_name}: the optimised export failed ({fallback[:200]}); "
                           "using the plain export")
-                out = export_lammps_model(export_config(config, source, target, None))
+                out = export_lammps_model(export_config(config, source, target, None, watch_file))
         return {"lammps_model": rel(state, out), "sha256": sha256_file(out), "optimized": optimize and not fallback,
                 "optimized_export_error": fallback}
 
@@ -211,15 +217,28 @@ def export_stage(state: WorkflowState, config: WorkflowConfig, model_name: str, 
 
 
 def export_values(config: WorkflowConfig, model: str, output: str,
-                  elements: Sequence[str] | None) -> dict[str, Any]:
-    return {"model": model, "output": output, "dtype": config.md.dtype,
-            "elements": list(elements) if elements is not None else None}
+                  elements: Sequence[str] | None, watch: str | None = None) -> dict[str, Any]:
+    values = {"model": model, "output": output, "dtype": config.md.dtype,
+              "elements": list(elements) if elements is not None else None}
+    if watch is not None:
+        values["watch"] = watch
+    return values
 
 
-def export_config(config: WorkflowConfig, model: str, output: str, elements: Sequence[str] | None):
+def export_config(config: WorkflowConfig, model: str, output: str, elements: Sequence[str] | None,
+                  watch: str | None = None):
     from ..models.export import ExportConfig
 
-    return ExportConfig.from_dict(export_values(config, model, output, elements), source="workflow export")
+    return ExportConfig.from_dict(export_values(config, model, output, elements, watch), source="workflow export")
+
+
+def finetune_watch_data(config: WorkflowConfig, ft: dict[str, Any]) -> str | None:
+    """The frames a fine-tune stage's model was trained on (its driver's ``data/train.extxyz``,
+    relative to the workflow directory): its export's watch is fitted on them, unless
+    ``finetune.export_watch`` is off."""
+    if not config.finetune.export_watch:
+        return None
+    return str(Path(ft["model"]).parent / "data" / "train.extxyz")
 
 
 # ----------------------------------------------------------------------------------------- extract
@@ -331,7 +350,8 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
     isolated = isolated_atoms_stage(state, config)
     inputs = {"model_name": model_name, "train": files, "start_model": start_model,
               "start_model_sha256": model_hash(state, start_model),
-              "finetune": ft.to_dict()}
+              # export_watch concerns the export stage, not the training
+              "finetune": {k: v for k, v in ft.to_dict().items() if k != "export_watch"}}
     if isolated is not None:
         inputs["isolated_atoms_sha256"] = isolated["sha256"]
         deps = [*deps, ISOLATED_ATOMS_STAGE]

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 from ..errors import InputError
 from .config import WorkflowConfig
-from .stages import (absolute, elements_of, export_stage, extract_stage, finetune_stage, label_stage, md_stage,
-                     rel, start_stage, window_selection)
+from .stages import (absolute, elements_of, export_stage, extract_stage, finetune_stage, finetune_watch_data,
+                     label_stage, md_stage, rel, start_stage, window_selection)
 from ..io import sha256_file
 from .state import Deferred, WorkflowState
 
@@ -87,7 +87,8 @@ def _finetune_and_export(state: WorkflowState, config: WorkflowConfig, strategy:
         deps_ft.append(models[-1].stage)
     ft = finetune_stage(state, config, ft_stage, model_name=name, train=list(labelled),
                         start_model=_start_model(config, models), deps=deps_ft)
-    lammps = export_stage(state, config, name, ft["model"], elements, deps=[ft_stage])
+    lammps = export_stage(state, config, name, ft["model"], elements, deps=[ft_stage],
+                          watch=finetune_watch_data(config, ft))
     return ModelInfo(name, ft["model"], lammps, tuple(labelled), ft["n_frames"], ft_stage)
 
 
@@ -173,7 +174,8 @@ def run_naive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult:
         try:
             ft = finetune_stage(state, config, ft_stage, model_name=f"N-{n}pts", train=[subset],
                                 start_model=_start_model(config, models), deps=deps)
-            lammps = export_stage(state, config, f"N-{n}pts", ft["model"], elements, deps=[ft_stage])
+            lammps = export_stage(state, config, f"N-{n}pts", ft["model"], elements, deps=[ft_stage],
+                                  watch=finetune_watch_data(config, ft))
         except Deferred:  # another batch job fine-tunes this subset; only from U are they independent
             if config.finetune.start_from == "previous":
                 raise
