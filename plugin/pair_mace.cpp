@@ -2,21 +2,24 @@
    umlipft: pair_style mace, a LAMMPS plugin running TorchScript-exported MACE models.
    SPDX-License-Identifier: GPL-2.0-or-later
 
-   The exported module (umlipft export) takes positions, species, a directed edge list with
-   per-edge shifts, and the number of owned nodes; it returns the owned energy, the per-node
-   energies and dE/d(edge vector). Forces, the global virial and per-atom virials all follow
-   from the edge gradients, so one code path serves both graph layouts:
+   PairMACE does the LAMMPS side only: keywords, the graph from the neighbour list, halo
+   communication and the tallies; umlipft::MACEModel (mace_model.cpp) loads and evaluates
+   the export. The model returns dE/d(edge vector) for every edge, from which forces, the
+   global virial and per-atom virials follow in one pass, whichever graph was evaluated:
 
    - owned graph (one MPI rank): nodes are the owned atoms only; a neighbour that is a ghost
-     image is replaced by its owner plus a periodic shift. This is the graph ASE builds and the
-     cheapest exact one.
-   - ghost graph (several ranks): nodes are owned atoms plus the ghosts that can influence
-     them through num_interactions message-passing layers, found by a breadth-first search
-     over the neighbour lists; ghost forces go back to their owners through reverse
-     communication (newton pair on).
+     image is replaced by its owner plus a periodic shift. No node is evaluated twice.
+   - ghost graph (several ranks): nodes are the owned atoms plus the ghost atoms within one
+     cutoff of them. The model runs layer by layer; between layers the owners' new node
+     features are copied to their ghosts (forward communication), and in the backward pass
+     the gradients on ghost features are summed onto their owners (reverse communication).
+     Forces on ghosts reach their owners through LAMMPS' own reverse communication (newton
+     pair on).
 ------------------------------------------------------------------------- */
 
 #include "pair_mace.h"
+
+#include "mace_model.h"
 
 #include "atom.h"
 #include "comm.h"
@@ -28,9 +31,6 @@
 #include "neighbor.h"
 #include "update.h"
 #include "utils.h"
-
-#include <torch/cuda.h>
-#include <torch/script.h>
 
 #include <array>
 #include <cmath>
@@ -50,8 +50,6 @@ extern "C" int umlipft_kernels_abi_version();
 
 namespace {
 
-constexpr const char *METADATA_NAME = "umlipft.json";
-constexpr const char *FORMAT_NAME = "umlipft-mace-lammps";
 constexpr const char *EXPORT_HINT = "create one with: umlipft export MODEL.model -o MODEL-lammps.pt";
 
 // Below half an Angstrom no chemistry happens (H2 is 0.74 A) and a model has never seen such
@@ -99,18 +97,6 @@ void tune_malloc_for_steady_state()
 #endif
 }
 
-// The cause in a libtorch error: TorchScript wraps it in a traceback whose last line reads
-// "RuntimeError: <cause>"; plain c10 errors start with it.
-std::string error_cause(const char *what)
-{
-  const auto lines = utils::split_lines(what);
-  for (auto it = lines.rbegin(); it != lines.rend(); ++it) {
-    const auto at = it->find("Error: ");
-    if (at != std::string::npos && it->rfind("  ", 0) != 0) return it->substr(at + 7);
-  }
-  return lines.empty() ? std::string(what) : lines.front();
-}
-
 std::string element_symbol(int z)
 {
   return (z >= 1 && z <= static_cast<int>(ELEMENTS.size())) ? ELEMENTS[z - 1] : std::to_string(z);
@@ -118,25 +104,10 @@ std::string element_symbol(int z)
 
 }    // namespace
 
-namespace LAMMPS_NS {
-
-class MACEModel {
- public:
-  torch::jit::Module module;
-  torch::Device device = torch::kCPU;
-  torch::Dtype dtype = torch::kFloat64;
-  std::vector<int> atomic_numbers;
-  double r_max = 0.0;
-  int num_interactions = 0;
-  std::string dtype_name, head;
-};
-
-}    // namespace LAMMPS_NS
-
 /* ---------------------------------------------------------------------- */
 
 PairMACE::PairMACE(LAMMPS *lmp) :
-    Pair(lmp), r_max(0.0), num_interactions(0), requested_mode(GraphMode::AUTO),
+    Pair(lmp), r_max(0.0), requested_mode(GraphMode::AUTO),
     active_mode(GraphMode::OWNED), use_cuda(false), min_distance(DEFAULT_MIN_DISTANCE),
     max_force(DEFAULT_MAX_FORCE)
 {
@@ -219,7 +190,7 @@ void PairMACE::settings(int narg, char **arg)
       const std::string value = arg[iarg + 1];
       if (value != "cpu" && value != "cuda")
         error->all(FLERR, "pair_style mace: unknown device '{}'; use cpu or cuda", value);
-      if (value == "cuda" && !torch::cuda::is_available())
+      if (value == "cuda" && umlipft::MACEModel::cuda_device_count() == 0)
         error->all(FLERR,
                    "pair_style mace: device cuda requested but this libtorch sees no CUDA GPU; "
                    "build the plugin against a CUDA libtorch (see README) or use device cpu");
@@ -263,59 +234,51 @@ void PairMACE::coeff(int narg, char **arg)
                "pair style under hybrid/overlay",
                arg[2], narg - 3, ntypes);
 
-  model_file = arg[2];
-  {
-    std::ifstream probe(model_file, std::ios::binary);
-    if (!probe.good())
-      error->all(FLERR, "pair_style mace: cannot open model file '{}'; {}", model_file, EXPORT_HINT);
-  }
+  load_model(arg[2]);
+  map_types(narg, arg);
+}
 
+/* ----------------------------------------------------------------------
+   Load the export named in pair_coeff; every problem with the file is one message.
+------------------------------------------------------------------------- */
+
+void PairMACE::load_model(const std::string &path)
+{
   if (umlipft_kernels_abi_version() != 1)
     error->all(FLERR, "pair_style mace: libumlipft_kernels.so does not match this plugin; reinstall umlipft");
-  auto loaded = std::make_unique<MACEModel>();
-  torch::jit::ExtraFilesMap extra{{METADATA_NAME, ""}};
+  // One GPU per rank, round robin, for the usual 'one rank per GPU' cluster launch.
+  const int device = use_cuda ? comm->me % umlipft::MACEModel::cuda_device_count() : -1;
   try {
-    // One GPU per rank, round robin, for the usual 'one rank per GPU' cluster launch.
-    loaded->device = use_cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(
-                                                                 comm->me % torch::cuda::device_count()))
-                              : torch::Device(torch::kCPU);
-    loaded->module = torch::jit::load(model_file, loaded->device, extra);
-  } catch (const std::exception &err) {
-    error->all(FLERR,
-               "pair_style mace: '{}' is not a TorchScript model file ({}); {}", model_file,
-               error_cause(err.what()), EXPORT_HINT);
+    model = umlipft::MACEModel::load(path, device);
+  } catch (const umlipft::ModelError &err) {
+    error->all(FLERR, "pair_style mace: {}; {}", err.what(), EXPORT_HINT);
   }
-  if (extra[METADATA_NAME].empty())
-    error->all(FLERR,
-               "pair_style mace: '{}' was not written by umlipft export (no {} inside; a file "
-               "from mace's create_lammps_model or a raw .model will not do); {}",
-               model_file, METADATA_NAME, EXPORT_HINT);
-  try {
-    const auto meta = json::parse(extra[METADATA_NAME]);
-    if (meta.value("format", std::string()) != FORMAT_NAME)
-      error->all(FLERR, "pair_style mace: '{}' is not a umlipft MACE export; {}", model_file,
-                 EXPORT_HINT);
-    loaded->r_max = meta.at("r_max").get<double>();
-    loaded->num_interactions = meta.at("num_interactions").get<int>();
-    loaded->atomic_numbers = meta.at("atomic_numbers").get<std::vector<int>>();
-    loaded->dtype_name = meta.at("dtype").get<std::string>();
-    loaded->head = meta.value("head", std::string("Default"));
-  } catch (const json::exception &err) {
-    error->all(FLERR, "pair_style mace: metadata of '{}' is incomplete ({}); {}", model_file,
-               err.what(), EXPORT_HINT);
-  }
-  if (loaded->dtype_name == "float32")
-    loaded->dtype = torch::kFloat32;
-  else if (loaded->dtype_name == "float64")
-    loaded->dtype = torch::kFloat64;
-  else
-    error->all(FLERR, "pair_style mace: '{}' has unsupported dtype '{}'; {}", model_file,
-               loaded->dtype_name, EXPORT_HINT);
-  loaded->module.eval();
+  model_file = path;
+  const auto &meta = model->metadata();
+  r_max = meta.r_max;
+  // Layer features travel to ghosts between layers: the widest layer sizes the buffers.
+  comm_forward = comm_reverse = 0;
+  for (int dim : meta.layer_feature_dims) comm_forward = comm_reverse = std::max(comm_forward, dim);
 
+  if (comm->me == 0)
+    utils::logmesg(lmp,
+                   "pair_style mace: model {} ({}, r_max {} A, {} interactions, head {}, {} "
+                   "elements) on {}\n",
+                   model_file, meta.dtype_name, r_max, meta.num_interactions, meta.head,
+                   meta.atomic_numbers.size(), use_cuda ? "cuda" : "cpu");
+}
+
+/* ----------------------------------------------------------------------
+   pair_coeff's element list: atom type -> the model's species index (-1 for NULL).
+------------------------------------------------------------------------- */
+
+void PairMACE::map_types(int narg, char **arg)
+{
+  const int ntypes = atom->ntypes;
+  const auto &numbers = model->metadata().atomic_numbers;
   type_to_species.assign(ntypes + 1, -1);
   type_element.assign(ntypes + 1, "NULL");
-  for (int itype = 1; itype <= ntypes; ++itype) {
+  for (int itype = 1; itype <= ntypes && 2 + itype < narg; ++itype) {
     const std::string symbol = arg[2 + itype];
     type_element[itype] = symbol;
     if (symbol == "NULL") {
@@ -334,11 +297,11 @@ void PairMACE::coeff(int narg, char **arg)
                  "H, O, Co (case matters) or NULL",
                  symbol, itype);
     int species = -1;
-    for (std::size_t k = 0; k < loaded->atomic_numbers.size(); ++k)
-      if (loaded->atomic_numbers[k] == z) species = static_cast<int>(k);
+    for (std::size_t k = 0; k < numbers.size(); ++k)
+      if (numbers[k] == z) species = static_cast<int>(k);
     if (species < 0) {
       std::string covered;
-      for (int zz : loaded->atomic_numbers) covered += element_symbol(zz) + " ";
+      for (int zz : numbers) covered += element_symbol(zz) + " ";
       error->all(FLERR,
                  "pair_coeff: element {} (atom type {}) is not covered by model '{}', which "
                  "covers: {}; use a model trained with {} or map this type to NULL and give it "
@@ -350,20 +313,6 @@ void PairMACE::coeff(int narg, char **arg)
   for (int i = 1; i <= ntypes; ++i)
     for (int j = i; j <= ntypes; ++j)
       setflag[i][j] = (type_to_species[i] >= 0 && type_to_species[j] >= 0) ? 1 : 0;
-
-  r_max = loaded->r_max;
-  num_interactions = loaded->num_interactions;
-  model = std::move(loaded);
-  // The profiling executor spends the first calls re-optimising the graph (seconds each);
-  // the plain executor is as fast in steady state.
-  torch::jit::setGraphExecutorOptimize(false);
-
-  if (comm->me == 0)
-    utils::logmesg(lmp,
-                   "pair_style mace: model {} ({}, r_max {} A, {} interactions, head {}, {} "
-                   "elements) on {}\n",
-                   model_file, model->dtype_name, r_max, num_interactions, model->head,
-                   model->atomic_numbers.size(), use_cuda ? "cuda" : "cpu");
 }
 
 /* ---------------------------------------------------------------------- */
@@ -389,21 +338,28 @@ void PairMACE::init_style()
   else
     active_mode = requested_mode;
 
-  int flags = NeighConst::REQ_FULL;
-  ghostneigh = 0;
   if (active_mode == GraphMode::GHOST) {
+    const auto &meta = model->metadata();
+    if (!meta.layered)
+      error->all(FLERR,
+                 "pair_style mace: '{}' runs on one MPI rank only ({}); this run uses the ghost "
+                 "graph of {} rank(s): run it on one rank, or export a supported model",
+                 model_file, meta.layered_unsupported, comm->nprocs);
     if (force->newton_pair == 0)
       error->all(FLERR,
                  "pair_style mace with a ghost-atom graph (several MPI ranks) requires 'newton "
                  "on' (the default), because ghost atoms receive forces; remove 'newton off'");
-    flags |= NeighConst::REQ_GHOST;
-    ghostneigh = 1;
-    // Every atom within num_interactions x r_max of an owned atom must exist as a ghost
-    // with its own neighbours; the skin covers motion between rebuilds.
-    const double shell = num_interactions * r_max + neighbor->skin;
-    if (comm->cutghostuser < shell) comm->cutghostuser = shell;
+    // pair hybrid takes its sub-styles' buffer sizes when they are created, before pair_coeff
+    // loads the model; Comm::init, which sizes the buffers, runs after this.
+    if (force->pair != this) {
+      force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
+      force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
+    }
   }
-  neighbor->add_request(this, flags);
+  // Owned atoms' full neighbour lists are all either graph needs: the ghost graph holds the
+  // ghosts within one cutoff of an owned atom, which LAMMPS' ghost shell (cutoff + skin) has.
+  neighbor->add_request(this, NeighConst::REQ_FULL);
+  ghostneigh = 0;
 
   if (comm->me == 0) {
     utils::logmesg(lmp, "pair_style mace: min_distance {} A, max_force {} eV/A{}\n", min_distance,
@@ -412,8 +368,9 @@ void PairMACE::init_style()
       utils::logmesg(lmp, "pair_style mace: owned-atom graph with periodic shifts (1 MPI rank)\n");
     else
       utils::logmesg(lmp,
-                     "pair_style mace: owned + ghost graph on {} MPI rank(s), ghost shell {:.3f} A\n",
-                     comm->nprocs, comm->cutghostuser);
+                     "pair_style mace: owned + ghost graph on {} MPI rank(s), layer by layer with "
+                     "halo exchange of node features ({} values per atom), ghosts within {} A\n",
+                     comm->nprocs, comm_forward, r_max);
   }
 }
 
@@ -500,28 +457,20 @@ void PairMACE::build_graph()
       }
     }
   } else {
-    // Breadth-first search: layer k holds atoms k hops from an owned atom. Receivers are
-    // atoms up to num_interactions-1 hops away; senders may be one hop further.
-    node_depth.assign(nall, -1);
-    for (int n = 0; n < n_local_nodes; ++n) node_depth[node_to_atom[n]] = 0;
-    std::size_t layer_begin = 0;
-    for (int depth = 0; depth < num_interactions; ++depth) {
-      const std::size_t layer_end = node_to_atom.size();
-      for (std::size_t n = layer_begin; n < layer_end; ++n) {
-        const int i = node_to_atom[n];
-        const int *jlist = firstneigh[i];
-        for (int jj = 0; jj < numneigh[i]; ++jj) {
-          const int j = jlist[jj] & NEIGHMASK;
-          if (type_to_species[type[j]] < 0 || !within_cutoff(i, j)) continue;
-          if (node_depth[j] < 0) {
-            node_depth[j] = depth + 1;
-            atom_to_node[j] = static_cast<int>(node_to_atom.size());
-            node_to_atom.push_back(j);
-          }
-          add_edge(i, j, j);
+    // Owned receivers only; a ghost neighbour becomes a node once, whatever its image. Its
+    // features arrive from its owner between layers.
+    for (int n = 0; n < n_local_nodes; ++n) {
+      const int i = node_to_atom[n];
+      const int *jlist = firstneigh[i];
+      for (int jj = 0; jj < numneigh[i]; ++jj) {
+        const int j = jlist[jj] & NEIGHMASK;
+        if (type_to_species[type[j]] < 0 || !within_cutoff(i, j)) continue;
+        if (atom_to_node[j] < 0) {
+          atom_to_node[j] = static_cast<int>(node_to_atom.size());
+          node_to_atom.push_back(j);
         }
+        add_edge(i, j, j);
       }
-      layer_begin = layer_end;
     }
   }
 
@@ -684,6 +633,124 @@ void PairMACE::check_max_force()
              BLOWUP_CAUSES, 2.0 * std::sqrt(largest.f2));
 }
 
+/* ----------------------------------------------------------------------
+   The ghost graph's exchanges between layers, through LAMMPS' own communication pattern
+   (the one that moves positions to ghosts and ghost forces back), one row per atom.
+------------------------------------------------------------------------- */
+
+namespace LAMMPS_NS {
+
+class PairMACEHalo : public umlipft::HaloExchange {
+ public:
+  explicit PairMACEHalo(PairMACE &pair) : pair(pair) {}
+
+  void forward(int dim, const double *owned, double *ghost) override
+  {
+    rows(dim);
+    double *buffer = pair.halo_rows.data();
+    const int nlocal_nodes = pair.n_local_nodes;
+    for (int n = 0; n < nlocal_nodes; ++n)
+      std::copy(owned + std::size_t(n) * dim, owned + std::size_t(n + 1) * dim,
+                buffer + std::size_t(pair.node_to_atom[n]) * dim);
+    pair.comm->forward_comm(&pair, dim);
+    const int nnodes = static_cast<int>(pair.node_to_atom.size());
+    for (int n = nlocal_nodes; n < nnodes; ++n) {
+      const double *row = buffer + std::size_t(pair.node_to_atom[n]) * dim;
+      std::copy(row, row + dim, ghost + std::size_t(n - nlocal_nodes) * dim);
+    }
+  }
+
+  void reverse(int dim, const double *ghost, double *owned) override
+  {
+    rows(dim);
+    double *buffer = pair.halo_rows.data();
+    std::fill(pair.halo_rows.begin(), pair.halo_rows.end(), 0.0);
+    const int nlocal_nodes = pair.n_local_nodes;
+    const int nnodes = static_cast<int>(pair.node_to_atom.size());
+    for (int n = nlocal_nodes; n < nnodes; ++n)
+      std::copy(ghost + std::size_t(n - nlocal_nodes) * dim, ghost + std::size_t(n - nlocal_nodes + 1) * dim,
+                buffer + std::size_t(pair.node_to_atom[n]) * dim);
+    pair.comm->reverse_comm(&pair, dim);
+    for (int n = 0; n < nlocal_nodes; ++n) {
+      const double *row = buffer + std::size_t(pair.node_to_atom[n]) * dim;
+      double *out = owned + std::size_t(n) * dim;
+      for (int d = 0; d < dim; ++d) out[d] += row[d];
+    }
+  }
+
+ private:
+  PairMACE &pair;
+
+  void rows(int dim)
+  {
+    if (dim > pair.comm_forward)
+      pair.error->one(FLERR, "pair_style mace: a layer exchanges {} values per atom, more than the {} "
+                             "the communication buffers were sized for; export the model again",
+                      dim, pair.comm_forward);
+    pair.halo_dim = dim;
+    pair.halo_rows.resize(std::size_t(pair.atom->nlocal + pair.atom->nghost) * dim);
+  }
+};
+
+}    // namespace LAMMPS_NS
+
+int PairMACE::pack_forward_comm(int n, int *list, double *buf, int /*pbc_flag*/, int * /*pbc*/)
+{
+  // Node features are invariant under translation: a periodic image gets its owner's row.
+  const int dim = halo_dim;
+  int m = 0;
+  for (int k = 0; k < n; ++k) {
+    const double *row = halo_rows.data() + std::size_t(list[k]) * dim;
+    for (int d = 0; d < dim; ++d) buf[m++] = row[d];
+  }
+  return m;
+}
+
+void PairMACE::unpack_forward_comm(int n, int first, double *buf)
+{
+  const int dim = halo_dim;
+  std::copy(buf, buf + std::size_t(n) * dim, halo_rows.data() + std::size_t(first) * dim);
+}
+
+int PairMACE::pack_reverse_comm(int n, int first, double *buf)
+{
+  const int dim = halo_dim;
+  std::copy(halo_rows.data() + std::size_t(first) * dim, halo_rows.data() + std::size_t(first + n) * dim, buf);
+  return n * dim;
+}
+
+void PairMACE::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  const int dim = halo_dim;
+  int m = 0;
+  for (int k = 0; k < n; ++k) {
+    double *row = halo_rows.data() + std::size_t(list[k]) * dim;
+    for (int d = 0; d < dim; ++d) row[d] += buf[m++];
+  }
+}
+
+/* ----------------------------------------------------------------------
+   Once per run: how many nodes each rank evaluates, to read the ghost redundancy off the log.
+------------------------------------------------------------------------- */
+
+void PairMACE::report_node_counts()
+{
+  const double owned = n_local_nodes;
+  const double ghost = static_cast<double>(node_to_atom.size()) - n_local_nodes;
+  const double ratio = owned > 0 ? ghost / owned : 0.0;
+  double mine[3] = {owned, ghost, ratio}, low[3], high[3], sum[3];
+  MPI_Allreduce(mine, low, 3, MPI_DOUBLE, MPI_MIN, world);
+  MPI_Allreduce(mine, high, 3, MPI_DOUBLE, MPI_MAX, world);
+  MPI_Allreduce(mine, sum, 3, MPI_DOUBLE, MPI_SUM, world);
+  const int p = comm->nprocs;
+  if (comm->me == 0)
+    utils::logmesg(lmp,
+                   "pair_style mace: nodes per rank (min/avg/max) on {} rank(s): owned {:.0f}/{:.1f}/{:.0f}, "
+                   "ghost {:.0f}/{:.1f}/{:.0f}, ghost/owned {:.3f}/{:.3f}/{:.3f} ({:.0f} owned in all)\n",
+                   p, low[0], sum[0] / p, high[0], low[1], sum[1] / p, high[1], low[2], sum[2] / p, high[2],
+                   sum[0]);
+}
+
 /* ---------------------------------------------------------------------- */
 
 void PairMACE::compute(int eflag, int vflag)
@@ -703,41 +770,38 @@ void PairMACE::compute(int eflag, int vflag)
   build_graph();
   // setupflag: the force call that starts each run (and 'run 0'), before any step is taken.
   if (update->setupflag && min_distance > 0.0) check_min_distance();
+  if (update->setupflag) report_node_counts();
   const int64_t nnodes = static_cast<int64_t>(node_to_atom.size());
   const int64_t nedges = static_cast<int64_t>(edge_sender.size());
 
-  double energy = 0.0;
-  torch::Tensor node_energy, edge_gradient;
-  if (nnodes > 0) {
-    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-    const auto device = model->device;
-    torch::Tensor positions =
-        torch::from_blob(node_positions.data(), {nnodes, 3}, f64).to(device, model->dtype);
-    torch::Tensor species =
-        torch::from_blob(node_species.data(), {nnodes}, torch::kInt64).to(device);
-    torch::Tensor edges =
-        torch::from_blob(edge_index.data(), {2, nedges}, torch::kInt64).to(device);
-    torch::Tensor shifts =
-        torch::from_blob(edge_shift.data(), {nedges, 3}, f64).to(device, model->dtype);
-    std::vector<torch::jit::IValue> inputs{positions, species, edges, shifts,
-                                           static_cast<int64_t>(n_local_nodes)};
-    c10::intrusive_ptr<c10::ivalue::Tuple> out;
-    try {
-      out = model->module.forward(inputs).toTuple();
-    } catch (const std::exception &err) {
-      error->one(FLERR, "pair_style mace: the model failed at step {}: {}", update->ntimestep,
-                 error_cause(err.what()));
+  umlipft::Graph graph;
+  graph.nnodes = nnodes;
+  graph.nlocal = n_local_nodes;
+  graph.nedges = nedges;
+  graph.species = node_species.data();
+  graph.edge_index = edge_index.data();
+  graph.positions = node_positions.data();
+  graph.shifts = edge_shift.data();
+  graph.vectors = edge_vector.data();
+  try {
+    if (active_mode == GraphMode::GHOST) {
+      PairMACEHalo halo(*this);
+      model->evaluate_layered(graph, halo);
+    } else if (nnodes > 0) {
+      model->evaluate(graph);
     }
-    energy = out->elements()[0].toTensor().item<double>();
-    node_energy = out->elements()[1].toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
-    edge_gradient = out->elements()[2].toTensor().to(torch::kCPU, torch::kFloat64).contiguous();
+  } catch (const umlipft::ModelError &err) {
+    error->one(FLERR, "pair_style mace: the model failed at step {}: {}", update->ntimestep, err.what());
   }
+  const double energy = nnodes > 0 ? model->energy() : 0.0;
+  const double *node_energy = nnodes > 0 ? model->node_energy() : nullptr;
+  const double *edge_gradient = nedges > 0 ? model->edge_gradient() : nullptr;
 
   {
     tagint bad = 0;
     if (nnodes > 0 && !std::isfinite(energy)) bad = atom->tag[node_to_atom[0]];
     if (nedges > 0 && bad == 0) {
-      const double *g = edge_gradient.data_ptr<double>();
+      const double *g = edge_gradient;
       for (int64_t e = 0; e < nedges && bad == 0; ++e)
         if (!std::isfinite(g[3 * e]) || !std::isfinite(g[3 * e + 1]) || !std::isfinite(g[3 * e + 2]))
           bad = atom->tag[edge_atom_receiver[e]];
@@ -751,12 +815,11 @@ void PairMACE::compute(int eflag, int vflag)
 
   if (eflag_global) eng_vdwl += energy;
   if (eflag_atom) {
-    const double *ne = node_energy.data_ptr<double>();
-    for (int n = 0; n < n_local_nodes; ++n) eatom[node_to_atom[n]] += ne[n];
+    for (int n = 0; n < n_local_nodes; ++n) eatom[node_to_atom[n]] += node_energy[n];
   }
 
   double **f = atom->f;
-  const double *g = edge_gradient.data_ptr<double>();
+  const double *g = edge_gradient;
   const double *r = edge_vector.data();
   for (int64_t e = 0; e < nedges; ++e) {
     const double gx = g[3 * e], gy = g[3 * e + 1], gz = g[3 * e + 2];
@@ -802,7 +865,7 @@ double PairMACE::memory_usage()
 {
   double bytes = Pair::memory_usage();
   bytes += sizeof(int) * (atom_to_node.capacity() + node_to_atom.capacity() +
-                          tag_to_local.capacity() + node_depth.capacity() +
+                          tag_to_local.capacity() +
                           edge_atom_sender.capacity() + edge_atom_receiver.capacity());
   bytes += sizeof(double) * (node_positions.capacity() + edge_shift.capacity() +
                              edge_vector.capacity());

@@ -15,9 +15,15 @@
 
 namespace LAMMPS_NS {
 
-// libtorch stays out of this header: everything torch lives behind MACEModel (pimpl), so the
+}    // namespace LAMMPS_NS
+
+// libtorch stays out of this header: everything torch lives behind umlipft::MACEModel, so the
 // header compiles against plain LAMMPS and any libtorch (CPU or CUDA) can be swapped in.
+namespace umlipft {
 class MACEModel;
+}
+
+namespace LAMMPS_NS {
 
 class PairMACE : public Pair {
  public:
@@ -31,13 +37,18 @@ class PairMACE : public Pair {
   double init_one(int, int) override;
   double memory_usage() override;
 
+  // Node features forward to ghosts and their gradients back to owners, between layers.
+  int pack_forward_comm(int, int *, double *, int, int *) override;
+  void unpack_forward_comm(int, int, double *) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
+
   enum class GraphMode { AUTO, OWNED, GHOST };
 
  protected:
-  std::unique_ptr<MACEModel> model;
+  std::unique_ptr<umlipft::MACEModel> model;
   std::string model_file;
   double r_max;
-  int num_interactions;
   GraphMode requested_mode;
   GraphMode active_mode;
   bool use_cuda;
@@ -52,8 +63,7 @@ class PairMACE : public Pair {
   // Buffers reused from step to step: the graph handed to the model.
   int n_local_nodes = 0;
   std::vector<int> atom_to_node;       // LAMMPS atom index -> graph node, -1 if not a node
-  std::vector<int> node_to_atom;       // owned atoms first, then ghosts by hop distance
-  std::vector<int> node_depth;         // ghost graph: hops from the nearest owned atom
+  std::vector<int> node_to_atom;       // owned atoms first, then ghost atoms within r_max of one
   std::vector<int> tag_to_local;       // owned graph: atom ID -> owned atom index
   std::vector<double> node_positions;
   std::vector<int64_t> node_species;
@@ -65,7 +75,15 @@ class PairMACE : public Pair {
   std::vector<int> edge_atom_sender;   // atom that takes the sender-side force of each edge
   std::vector<int> edge_atom_receiver;
 
+  // Ghost graph: one row per atom (owned and ghost) of the features being exchanged.
+  int halo_dim = 0;
+  std::vector<double> halo_rows;
+  friend class PairMACEHalo;
+
   void allocate();
+  void load_model(const std::string &path);
+  void map_types(int narg, char **arg);
+  void report_node_counts();
   void build_graph();
   void check_finite(const char *what, tagint bad_tag_local);
   void check_min_distance();

@@ -7,6 +7,10 @@ PLUGIN_FP64_FORCE_EV_A = 1e-6
 PLUGIN_FP64_STRESS_EV_A3 = 1e-7
 # One rank against two ranks: same model, different graph partition, summation order only.
 PLUGIN_MPI_EV = 1e-8
+# Several ranks (layer-by-layer halo exchange) against one rank, float64.
+PLUGIN_HALO_EV = 1e-8
+PLUGIN_HALO_POSITION_A = 1e-6  # first 50 MD steps
+PLUGIN_HALO_DRIFT_EV_PER_ATOM = 1e-6  # |drift(N ranks) - drift(1 rank)| over 200 steps
 # float32 export against mace-torch float32: same arithmetic precision, different reduction order.
 PLUGIN_FP32_FORCE_EV_A = 1e-4
 # Evaluation against the reference figures for MACE-MP-0 small, fp64, on the 9 aqueous
@@ -106,3 +110,8 @@ WATCH_VS_ANALYZE_Q_REL = 1e-6
 # A resume from an older restart file or another seed moves T by kelvins and atoms by 1e-3 Å.
 MD_RESUME_THERMO_REL = 1e-6
 MD_RESUME_POSITION_A = 1e-8
+# The final model of a fine-tune killed ten times and rerun against the uninterrupted one's, on
+# its training frames, float64: the same training in another process (measured: identical
+# weights, so identical predictions, 0.0); a resumed instead of restarted training moves them by
+# 1e-3 eV and more (FINETUNE_RESTART_WEIGHT_ABS).
+FINETUNE_KILL_PREDICTION_EV = 1e-8

@@ -14,7 +14,8 @@ from ..io import atomic_path
 
 METADATA_NAME = "umlipft.json"
 FORMAT_NAME = "umlipft-mace-lammps"
-FORMAT_VERSION = 1
+# 2: the layer methods for several MPI ranks (pair_style mace refuses version 1 files).
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,7 @@ def export_lammps_model(config: ExportConfig) -> Path:
     metadata["watch"] = watch is not None
     if watch is not None:
         metadata["watch_file"] = WATCH_FILE
+    metadata.update(_layered_check(wrapper, config))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e3nn and mace emit harmless scripting warnings
         scripted = jit.compile(wrapper)
@@ -213,6 +215,31 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
         "check_max_node_energy_dev": energy_dev,
         "check_max_edge_gradient_dev": gradient_dev,
     }
+
+
+def _layered_check(wrapper, config: ExportConfig) -> dict[str, Any]:
+    """Check the layer methods (several MPI ranks) against forward (one rank) on the probe
+    structure; a model they cannot reproduce is exported for one rank only, saying why."""
+    import torch
+
+    from .fast import layered_deviation
+    from .lammps_module import layered_support
+
+    reason = layered_support(wrapper.model)
+    if reason is None:
+        dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+        numbers = [int(z) for z in wrapper.atomic_numbers]
+        energy_dev, gradient_dev = layered_deviation(wrapper, numbers, float(wrapper.r_max), dtype)
+        tolerance = CHECK_TOLERANCE[config.dtype]
+        if not (energy_dev <= tolerance and gradient_dev <= tolerance):
+            reason = (f"its layer-by-layer evaluation differs from the whole model by {gradient_dev:.3g} eV/A "
+                      f"(edge gradients) and {energy_dev:.3g} eV on the probe structure")
+    if reason is not None:
+        warnings.warn(f"this export runs on one MPI rank only: {reason}")
+        return {"layered": False, "layered_unsupported": reason}
+    return {"layered": True, "layer_feature_dims": list(wrapper.feature_dims),
+            "check_max_layered_edge_gradient_dev": gradient_dev,
+            "check_max_layered_node_energy_dev": energy_dev}
 
 
 def build_metadata(model, config: ExportConfig, source: Path, head: str, umlipft_version: str) -> dict[str, Any]:

@@ -625,3 +625,29 @@ def max_deviation(reference: torch.nn.Module, candidate: torch.nn.Module, ref_nu
     e_ref, g_ref = edge_outputs(reference, atoms, ref_numbers, r_max, dtype)
     e_new, g_new = edge_outputs(candidate, atoms, cand_numbers, r_max, dtype)
     return float((e_ref - e_new).abs().max()), float((g_ref - g_new).abs().max())
+
+
+def layered_deviation(wrapper: torch.nn.Module, atomic_numbers: Sequence[int], r_max: float, dtype) -> tuple[float, float]:
+    """Largest |difference| of node energies (eV) and edge gradients (eV/Å) between ``forward``
+    and the layer-by-layer path the plugin runs across MPI ranks, on the probe structure with
+    its periodic images as ghost nodes (see :func:`umlipft.models.lammps_module.layered_outputs`)."""
+    import numpy as np
+    from mace.data.neighborhood import get_neighborhood
+
+    from .lammps_module import layered_outputs
+
+    # At most 8 elements, spread over the table: the probe box holds 16 atoms.
+    numbers = list(atomic_numbers)
+    sample = [numbers[round(k * (len(numbers) - 1) / 7)] for k in range(8)] if len(numbers) > 8 else numbers
+    atoms = probe_structure(sorted(set(sample)), r_max)
+    edge_index, shifts, _, _ = get_neighborhood(positions=atoms.get_positions(), cutoff=r_max,
+                                                pbc=(True, True, True), cell=atoms.get_cell().array)
+    index = {int(z): k for k, z in enumerate(atomic_numbers)}
+    positions = torch.tensor(atoms.get_positions(), dtype=dtype)
+    species = torch.tensor([index[int(z)] for z in atoms.numbers], dtype=torch.long)
+    edges = torch.tensor(np.ascontiguousarray(edge_index), dtype=torch.long)
+    shifts_t = torch.tensor(shifts, dtype=dtype)
+    _, node_energy, gradient = wrapper(positions, species, edges, shifts_t, len(atoms))
+    layered_energy, layered_gradient = layered_outputs(wrapper, positions, species, edges, shifts_t)
+    return (float((node_energy.double() - layered_energy.double()).abs().max()),
+            float((gradient.double() - layered_gradient.double()).abs().max()))
