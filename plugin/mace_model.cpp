@@ -29,6 +29,7 @@ using namespace umlipft;
 namespace {
 
 constexpr const char *METADATA_NAME = "umlipft.json";
+constexpr const char *WATCH_NAME = "umlipft_watch.json";
 constexpr const char *FORMAT_NAME = "umlipft-mace-lammps";
 constexpr int FORMAT_VERSION = 2;
 
@@ -58,6 +59,7 @@ struct MACEModel::Impl {
   torch::Device device = torch::kCPU;
   torch::Dtype dtype = torch::kFloat64;
   torch::Tensor node_energy, edge_gradient;    // float64, CPU, contiguous
+  torch::Tensor node_features;                 // owned nodes, model dtype and device (kept, not copied)
 
   // Host copies of one layer's owned features / ghost rows, reused between steps.
   std::vector<double> owned_rows, ghost_rows;
@@ -105,7 +107,7 @@ std::unique_ptr<MACEModel> MACEModel::load(const std::string &path, int device_i
   }
   std::unique_ptr<MACEModel> model(new MACEModel());
   auto &impl = *model->impl;
-  torch::jit::ExtraFilesMap extra{{METADATA_NAME, ""}};
+  torch::jit::ExtraFilesMap extra{{METADATA_NAME, ""}, {WATCH_NAME, ""}};
   try {
     impl.device = device_index < 0 ? torch::Device(torch::kCPU)
                                    : torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device_index));
@@ -134,6 +136,7 @@ std::unique_ptr<MACEModel> MACEModel::load(const std::string &path, int device_i
     meta.layered = json.value("layered", false);
     meta.layered_unsupported = json.value("layered_unsupported", std::string("not recorded in the export"));
     if (meta.layered) meta.layer_feature_dims = json.at("layer_feature_dims").get<std::vector<int>>();
+    meta.watch_json = extra[WATCH_NAME];
   } catch (const LAMMPS_NS::json::exception &err) {
     throw ModelError("metadata of '" + path + "' is incomplete (" + err.what() + ")");
   }
@@ -168,6 +171,7 @@ void MACEModel::evaluate(const Graph &g)
     energy_ = out->elements()[0].toTensor().item<double>();
     m.node_energy = Impl::host(out->elements()[1].toTensor());
     m.edge_gradient = Impl::host(out->elements()[2].toTensor());
+    if (out->elements().size() > 3) m.node_features = out->elements()[3].toTensor();
   } catch (const ModelError &) {
     throw;
   } catch (const std::exception &err) {
@@ -191,6 +195,7 @@ void MACEModel::evaluate_layered(const Graph &g, HaloExchange &halo)
     energy_ = 0.0;
     m.node_energy = torch::zeros({0}, torch::kFloat64);
     m.edge_gradient = torch::zeros({0, 3}, torch::kFloat64);
+    m.node_features = torch::zeros({0, 0}, torch::kFloat64);
     return;
   }
 
@@ -227,6 +232,7 @@ void MACEModel::evaluate_layered(const Graph &g, HaloExchange &halo)
       inputs[t + 1] = torch::cat({outputs[t].detach(), ghosts}).requires_grad_(true);
     }
 
+    m.node_features = torch::cat(outputs, 1).detach();
     torch::Tensor node_energy = node_e0 + pair_energy;
     for (const auto &e : energies) node_energy = node_energy + e;
     m.node_energy = Impl::host(node_energy);
@@ -280,4 +286,20 @@ void MACEModel::evaluate_layered(const Graph &g, HaloExchange &halo)
   } catch (const std::exception &err) {
     throw ModelError(error_cause(err.what()));
   }
+}
+
+/* ---------------------------------------------------------------------- */
+
+void MACEModel::node_features(const std::vector<int64_t> &columns, std::vector<double> &out) const
+{
+  const auto &features = impl->node_features;
+  if (!features.defined() || features.size(0) == 0) {
+    out.clear();
+    return;
+  }
+  const auto index = torch::from_blob(const_cast<int64_t *>(columns.data()),
+                                      {static_cast<int64_t>(columns.size())}, torch::kInt64)
+                         .to(features.device());
+  const torch::Tensor picked = Impl::host(features.index_select(1, index));
+  out.assign(picked.data_ptr<double>(), picked.data_ptr<double>() + picked.numel());
 }

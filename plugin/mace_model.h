@@ -33,6 +33,8 @@ struct ModelMetadata {
   bool layered = false;
   std::string layered_unsupported;
   std::vector<int> layer_feature_dims;
+  // The extrapolation watch (umlipft export --watch), as JSON; empty when the export has none.
+  std::string watch_json;
 };
 
 // The graph a call evaluates: views into the caller's buffers. Nodes 0..nlocal-1 are the atoms
@@ -76,6 +78,9 @@ class MACEModel {
   double energy() const { return energy_; }
   const double *node_energy() const;      // [nlocal]
   const double *edge_gradient() const;    // [nedges, 3]: dE / d(edge vector)
+  // Columns of the owned nodes' features (every layer's output side by side) of the last
+  // evaluation, row-major [nlocal, columns.size()], float64.
+  void node_features(const std::vector<int64_t> &columns, std::vector<double> &out) const;
 
  private:
   MACEModel();

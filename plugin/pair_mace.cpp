@@ -808,6 +808,7 @@ void PairMACE::compute(int eflag, int vflag)
     }
     check_finite("the model returned a non-finite energy or force", bad);
   }
+  force_step = update->ntimestep;
   if (nnodes == 0) {
     if (watchdog_active()) check_max_force();    // collective
     return;
@@ -857,6 +858,31 @@ bool PairMACE::watchdog_active() const
 {
   if (max_force <= 0.0) return false;
   return !update->setupflag || (update->whichflag == 1 && update->nsteps > 0);
+}
+
+/* ---------------------------------------------------------------------- */
+
+const std::string &PairMACE::watch_json() const
+{
+  static const std::string none;
+  return model ? model->metadata().watch_json : none;
+}
+
+const std::vector<int> &PairMACE::layer_feature_dims() const
+{
+  static const std::vector<int> none;
+  return model ? model->metadata().layer_feature_dims : none;
+}
+
+void PairMACE::owned_node_features(const std::vector<int64_t> &columns, std::vector<double> &rows,
+                                   std::vector<int> &atoms) const
+{
+  atoms.assign(node_to_atom.begin(), node_to_atom.begin() + n_local_nodes);
+  if (n_local_nodes == 0 || !model) {
+    rows.clear();
+    return;
+  }
+  model->node_features(columns, rows);
 }
 
 /* ---------------------------------------------------------------------- */

@@ -45,6 +45,16 @@ class PairMACE : public Pair {
 
   enum class GraphMode { AUTO, OWNED, GHOST };
 
+  // For compute mace/q: the export's watch (JSON, empty without one), the step of the last
+  // force call, the element of each atom type ("NULL" if another style handles it), and the
+  // picked feature columns of that call's owned nodes with the atom index of each row.
+  const std::string &watch_json() const;
+  const std::vector<int> &layer_feature_dims() const;
+  bigint last_force_step() const { return force_step; }
+  const std::string &element_of_type(int type) const { return type_element[type]; }
+  void owned_node_features(const std::vector<int64_t> &columns, std::vector<double> &rows,
+                           std::vector<int> &atoms) const;
+
  protected:
   std::unique_ptr<umlipft::MACEModel> model;
   std::string model_file;
@@ -56,6 +66,7 @@ class PairMACE : public Pair {
   // (A) at the start of a run, and forces above max_force (eV/A) during it.
   double min_distance;
   double max_force;
+  bigint force_step = -1;
 
   std::vector<int> type_to_species;    // per LAMMPS type: index into the model's elements, -1 = NULL
   std::vector<std::string> type_element;

@@ -104,6 +104,7 @@ LABEL_RESUME_FORCE_EV_A = 1e-9
 # the same float64 features and the same PCA arithmetic, read back from JSON (repr round-trips
 # exactly); only summation order can differ. A wrong mean, component or limit misses by >1e-3.
 WATCH_VS_ANALYZE_Q_REL = 1e-6
+WATCH_LAMMPS_VS_ANALYZE_Q_REL = 1e-6  # compute mace/q (float64 export) against analyze q
 # LAMMPS resumed from its own restart file (positions, velocities and the thermostat's state in
 # full precision) against the uninterrupted run, float64, one thread: measured identical thermo,
 # trajectory and final frame (0.0); allowed: the reduction-order noise of another thread count.

@@ -39,7 +39,7 @@ def input_script(ensemble: str) -> Path:
 
     candidate = resources.files(__package__) / "inputs" / f"{ensemble}.in"
     if not candidate.is_file():
-        raise InputError(f"no LAMMPS input for ensemble {ensemble!r}; choose nvt or npt")
+        raise InputError(f"no LAMMPS input for ensemble {ensemble!r}; choose nvt, npt or watch")
     return Path(str(candidate))
 
 

@@ -614,7 +614,7 @@ def edge_outputs(wrapper: torch.nn.Module, atoms, atomic_numbers: Sequence[int],
     positions = torch.tensor(atoms.get_positions(), dtype=dtype)
     species = torch.tensor([index[int(z)] for z in atoms.numbers], dtype=torch.long)
     edges = torch.tensor(np.ascontiguousarray(edge_index), dtype=torch.long)
-    _, node_energy, grad = wrapper(positions, species, edges, torch.tensor(shifts, dtype=dtype), len(atoms))
+    _, node_energy, grad, _ = wrapper(positions, species, edges, torch.tensor(shifts, dtype=dtype), len(atoms))
     return node_energy.detach().double(), grad.detach().double()
 
 
@@ -647,7 +647,7 @@ def layered_deviation(wrapper: torch.nn.Module, atomic_numbers: Sequence[int], r
     species = torch.tensor([index[int(z)] for z in atoms.numbers], dtype=torch.long)
     edges = torch.tensor(np.ascontiguousarray(edge_index), dtype=torch.long)
     shifts_t = torch.tensor(shifts, dtype=dtype)
-    _, node_energy, gradient = wrapper(positions, species, edges, shifts_t, len(atoms))
+    _, node_energy, gradient, _ = wrapper(positions, species, edges, shifts_t, len(atoms))
     layered_energy, layered_gradient = layered_outputs(wrapper, positions, species, edges, shifts_t)
     return (float((node_energy.double() - layered_energy.double()).abs().max()),
             float((gradient.double() - layered_gradient.double()).abs().max()))

@@ -46,10 +46,14 @@ class MACEEdgeGradientModel(torch.nn.Module):
         edge_index: torch.Tensor,
         shifts: torch.Tensor,
         n_local: int,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """positions [N,3]; species [N] indices into atomic_numbers; edge_index [2,E] (sender,
         receiver); shifts [E,3] so that edge vector = x[receiver] - x[sender] + shift; nodes
-        0..n_local-1 are the atoms whose energy is counted."""
+        0..n_local-1 are the atoms whose energy is counted.
+
+        Returns the owned energy, every node's energy, dE/d(edge vector), and the owned nodes'
+        features (every layer's product output side by side, as mace-torch's node_feats): the
+        watch of ``compute mace/q`` reads them without a second pass."""
         num_nodes = positions.shape[0]
         shifts = shifts.detach().requires_grad_(True)
         node_attrs = torch.nn.functional.one_hot(
@@ -85,7 +89,9 @@ class MACEEdgeGradientModel(torch.nn.Module):
         )[0]
         if edge_gradient is None:  # no edges, or no edge reaches an owned atom
             edge_gradient = torch.zeros_like(shifts)
-        return energy_local.detach(), node_energy.detach(), edge_gradient
+        node_feats = out["node_feats"]
+        assert node_feats is not None
+        return energy_local.detach(), node_energy.detach(), edge_gradient, node_feats[:n_local].detach()
 
     # ---------------------------------------------------------------- layer by layer
     # Several MPI ranks run the model one message-passing layer at a time (pair_style mace's
