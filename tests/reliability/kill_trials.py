@@ -1,13 +1,15 @@
 """``kill -9`` trials: the real command in its own process group, SIGKILLed as a whole at a
-seeded random moment, rerun and killed again, ..., then run to completion.
+seeded random moment, rerun and killed again, ..., then run to completion (a chain).
 
 A moment is drawn on the timeline of an uninterrupted run of the same command (the reference),
-stratified so that the trials of one chain cover the whole run: trial k of n falls in the k-th
-n-th of it. For a command that resumes (md, label, workflow) the moment is replayed as "once
-the journal shows the progress the reference had reached just before that moment, wait the
-rest": the chain moves on through the run while every kill lands at a random point of the work
-(mid-step, mid-frame, mid-stage, while writing). For a command that starts over (a killed
-fine-tune is trained again from epoch 1) it is a plain delay from the start of the attempt.
+stratified so that the trials of a chain cover the whole run: trial k of n falls in the k-th n-th
+of it, up to the command's last journal event (its own "finished" record). It is replayed as
+"once the journal shows the progress the reference had reached just before that moment, wait
+the rest": for a command that resumes (md, label, workflow) the chain moves on through the run
+while every kill lands at a random point of the work (mid-step, mid-frame, mid-stage, while
+writing); for one that starts over (a killed fine-tune is trained again from epoch 1) the
+progress is that of the attempt itself. An attempt that ends before its moment (faster than
+the reference) ends its chain, which is checked, and the trial is drawn again in a new directory.
 
 After each kill the process tree taken just before it (the group, and children in sessions of
 their own such as label workers) must be gone within a few seconds, and so must every process
@@ -169,20 +171,31 @@ class Moment:
     delay_s: float  # ... then this long
 
 
-def draw_moments(reference: Reference, trials: int, seed: int, *, resumes: bool) -> list[Moment]:
-    """One seeded moment per trial, trial k within the k-th ``trials``-th of the reference run
-    (up to its last journal event when the command resumes, so that a kill precedes the end)."""
+def draw_moments(reference: Reference, trials: int, seed: int, *, resumes: bool = True) -> list[Moment]:
+    """One seeded moment per trial, trial k within the k-th ``trials``-th of the reference run up
+    to its last journal event (the progress functions end with the command's own "finished"
+    record, so that the moments cover its last writes and still come before it ends). With
+    ``resumes=False`` a moment is a plain delay from the start of the attempt."""
     rng = random.Random(seed)
-    span = reference.events[-2][0] if resumes and len(reference.events) > 1 else reference.seconds
     moments = []
     for k in range(trials):
-        t = rng.uniform(k / trials, (k + 1) / trials) * span
-        if resumes:
-            at, value = max((e for e in reference.events if e[0] <= t), key=lambda e: e[0])
-            moments.append(Moment(k, t, value, t - at))
-        else:
-            moments.append(Moment(k, t, 0.0, t))
+        moments.append(_moment(reference, k, trials, rng, resumes))
     return moments
+
+
+def redraw(reference: Reference, moment: Moment, trials: int, rng: random.Random, *, resumes: bool = True) -> Moment:
+    """Another moment in the same part of the run, for an attempt that ended before ``moment``
+    came (a run faster than the reference)."""
+    return _moment(reference, moment.trial, trials, rng, resumes)
+
+
+def _moment(reference: Reference, k: int, trials: int, rng: random.Random, resumes: bool) -> Moment:
+    span = reference.events[-1][0] if len(reference.events) > 1 else reference.seconds
+    t = rng.uniform(k / trials, (k + 1) / trials) * span
+    if not resumes:
+        return Moment(k, t, 0.0, t)
+    at, value = max((e for e in reference.events if e[0] <= t), key=lambda e: e[0])
+    return Moment(k, t, value, t - at)
 
 
 @dataclasses.dataclass
@@ -232,6 +245,34 @@ def finish(command: list[str], log: Path, *, env: dict[str, str] | None = None,
         done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout_s,
                               start_new_session=True)
     return subprocess.CompletedProcess(done.args, done.returncode, log.read_text(errors="replace"), "")
+
+
+def run_chain(command: Callable[[Path], list[str]], reference: Reference, trials: int, seed: int,
+              directory: Callable[[int], Path], progress: Callable[[Path], Callable[[], float]],
+              snapshot: Callable[[Path], Any], close: Callable[[Path, int | None, str, list[Attempt]], None],
+              log: Path, *, env: dict[str, str] | None = None, timeout_s: float = 1200) -> list[Attempt]:
+    """``trials`` kills in one directory, each rerun killed again, then a rerun to completion;
+    ``close(directory, exit code, console, its attempts)`` checks a chain that ended. An attempt
+    that ends before its moment (faster than the reference) ends its chain: it is closed, and that
+    part of the run is tried again at another moment in a new directory. ``progress(directory)``
+    makes the progress function of the attempt about to start."""
+    rng = random.Random(seed + 1)
+    chain, out = 0, directory(0)
+    attempts: list[Attempt] = []
+    for moment in draw_moments(reference, trials, seed):
+        for _ in range(4):
+            t = attempt(command(out), moment, progress(out), out, log, env=env,
+                        snapshot=lambda: snapshot(out), timeout_s=timeout_s)
+            attempts.append(t)
+            if t.killed:
+                break
+            close(out, t.returncode, log.read_text(errors="replace"), [a for a in attempts if a.directory == str(out)])
+            chain += 1
+            out = directory(chain)
+            moment = redraw(reference, moment, trials, rng)
+    done = finish(command(out), log, env=env, timeout_s=timeout_s)
+    close(out, done.returncode, done.stdout, [a for a in attempts if a.directory == str(out)])
+    return attempts
 
 
 # ------------------------------------------------------------------------------------ tallies

@@ -8,18 +8,13 @@ frame once. Eight waters (24 atoms), 100 steps of 0.5 fs, float64."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from kill_trials import Tally, attempt, draw_moments, finish, processes_in, record, run_reference
-from reliability_helpers import run_umlipft, umlipft_command, umlipft_env
-from sample_structures import triclinic_water_box
+from kill_trials import Tally, record, run_chain, run_reference
+from reliability_helpers import umlipft_command, umlipft_env
 
 from tolerances import MD_RESUME_POSITION_A, MD_RESUME_THERMO_REL
 from umlipft.io import read_frames
@@ -31,18 +26,9 @@ THERMO_ROW = re.compile(rb"^\s*(\d+)\s+[-+0-9.eE]+\s")
 
 
 @pytest.fixture(scope="module")
-def inputs(small_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def inputs(water_box: Path, water_export_fp64: Path) -> tuple[Path, Path]:
     """(start structure, fp64 LAMMPS export for H and O)."""
-    from ase.io import write
-
-    from umlipft.models.export import ExportConfig, export_lammps_model
-
-    folder = tmp_path_factory.mktemp("kill-md")
-    structure = folder / "water.extxyz"
-    write(structure, triclinic_water_box())
-    model = export_lammps_model(ExportConfig(model=str(small_model_path), output=str(folder / "small-HO-fp64.pt"),
-                                             dtype="float64", elements=("H", "O")))
-    return structure, Path(model)
+    return water_box, water_export_fp64
 
 
 def _args(structure: Path, model: Path, run: Path, steps: int = STEPS) -> list:
@@ -65,10 +51,11 @@ def _steps_logged(log: Path) -> list[int]:
 
 
 def _progress(run: Path) -> float:
-    """The journal's progress: the last thermo step of the newest attempt's log."""
+    """The journal's progress: the last thermo step of the newest attempt's log, +1 once LAMMPS
+    wrote the final data file, +1 once the run's summary is written."""
     logs = _logs(run)
     steps = _steps_logged(logs[-1]) if logs else []
-    return float(steps[-1]) if steps else 0.0
+    return float(steps[-1] if steps else 0) + (run / "md.final.data").is_file() + (run / "summary.json").is_file()
 
 
 def _state(run: Path) -> dict:
@@ -115,33 +102,13 @@ def _compare(run: Path, reference: Path) -> tuple[int, list[str]]:
     return lost, diffs
 
 
-@pytest.mark.slow
-def test_md_survives_kill_9_at_random_moments(inputs, fault_tally_file: Path, tmp_path: Path) -> None:
-    structure, model = inputs
-    reference = tmp_path / "reference"
-    ref = run_reference(umlipft_command(*_args(structure, model, reference)), lambda: _progress(reference),
-                        tmp_path / "reference.log", env=umlipft_env(), timeout_s=900)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    run = tmp_path / "chain"
-    command = umlipft_command(*_args(structure, model, run))
-    tally = Tally("md", f"umlipft md (24 atoms, {STEPS} steps, restart every {RESTART})", SEED,
-                  reference_s=ref.seconds)
-    trials = [attempt(command, moment, lambda: _progress(run), run, tmp_path / "chain.log", env=umlipft_env(),
-                      snapshot=lambda: _state(run), timeout_s=900)
-              for moment in draw_moments(ref, TRIALS, SEED, resumes=True)]
-    done = finish(command, tmp_path / "chain.log", env=umlipft_env(), timeout_s=900)
-    killed = [t for t in trials if t.killed]
-    tally.trials, tally.chain_s = len(killed), sum(t.seconds for t in trials)
-    tally.orphans = sum(len(t.orphans) for t in killed)
-    tally.moments = [{"reference_s": round(t.moment.reference_s, 3), "step": t.progress_at_kill,
-                      "attempt_s": round(t.seconds, 3), **t.snapshot} for t in killed]
-
-    # Each attempt that started LAMMPS wrote log.lammps.K, K = the logs before it. Its first step
-    # must be the newest complete restart file the last kill left (step 0 without one), and no
-    # LAMMPS may start once the run had finished.
-    logs = _logs(run)
+def _repeated(run: Path, killed: list) -> list[str]:
+    """Attempts that computed again what a kill had left done: each attempt that started LAMMPS
+    wrote log.lammps.K (K = the logs before it); its first step must be the newest complete
+    restart file the last kill left (step 0 without one), and no LAMMPS may start once the run had
+    finished."""
     repeated = []
-    for k, log in enumerate(logs[1:], start=1):
+    for k, log in enumerate(_logs(run)[1:], start=1):
         before = [t.snapshot for t in killed if t.snapshot["logs"] == k][-1]
         first = (_steps_logged(log) or [None])[0]
         if first is None:
@@ -149,21 +116,50 @@ def test_md_survives_kill_9_at_random_moments(inputs, fault_tally_file: Path, tm
         expected = STEPS if before["lammps_done"] and before["restart"] is None else before["restart"] or 0
         if before["finished"] or first != expected:
             repeated.append(f"{log.name} starts at step {first}, the newest restart was {before}")
-    tally.repeated_work = len(repeated)
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    lost, diffs = _compare(run, reference)
-    if summary.get("results", {}).get("attempts") != len(logs):
-        diffs.append(f"summary.json records {summary.get('results', {}).get('attempts')} attempts, {len(logs)} logs")
-    tally.frames_lost = lost
-    tally.silent_wrong = int(done.returncode == 0 and bool(diffs))
-    ok = done.returncode == 0 and not diffs and not repeated and not tally.orphans
-    tally.survived = tally.trials if ok else 0
-    tally.notes.append(f"{len(logs)} LAMMPS attempts; resumed from restart steps "
-                       f"{[(_steps_logged(log) or [None])[0] for log in logs[1:]]}")
+    return repeated
+
+
+@pytest.mark.slow
+def test_md_survives_kill_9_at_random_moments(inputs, fault_tally_file: Path, tmp_path: Path) -> None:
+    structure, model = inputs
+    reference = tmp_path / "reference"
+    ref = run_reference(umlipft_command(*_args(structure, model, reference)), lambda: _progress(reference),
+                        tmp_path / "reference.log", env=umlipft_env(), timeout_s=900)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    tally = Tally("md", f"umlipft md (24 atoms, {STEPS} steps, restart every {RESTART})", SEED,
+                  reference_s=ref.seconds)
+    problems: list[str] = []
+
+    def close(run: Path, code: int | None, console: str, attempts: list) -> None:
+        killed = [t for t in attempts if t.killed]
+        repeated = _repeated(run, killed)
+        logs = _logs(run)
+        lost, diffs = _compare(run, reference)
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+        if summary.get("results", {}).get("attempts") != len(logs):
+            diffs.append(f"summary.json records {summary.get('results', {}).get('attempts')} attempts, "
+                         f"{len(logs)} logs")
+        tally.repeated_work += len(repeated)
+        tally.frames_lost += lost
+        tally.silent_wrong += int(code == 0 and bool(diffs))
+        tally.notes.append(f"{run.name}: {len(logs)} LAMMPS attempts, resumed at steps "
+                           f"{[(_steps_logged(log) or [None])[0] for log in logs[1:]]}")
+        if code == 0 and not diffs and not repeated and not any(t.orphans for t in killed):
+            tally.survived += len(killed)
+        else:
+            problems.append(f"{run}: exit {code}; {repeated}; {diffs}; {lost} lost\n{console[-3000:]}")
+
+    trials = run_chain(lambda run: umlipft_command(*_args(structure, model, run)), ref, TRIALS, SEED,
+                       lambda k: tmp_path / f"chain-{k}", lambda run: (lambda: _progress(run)), _state, close,
+                       tmp_path / "chain.log", env=umlipft_env(), timeout_s=900)
+    killed = [t for t in trials if t.killed]
+    tally.trials, tally.chain_s = len(killed), sum(t.seconds for t in trials)
+    tally.orphans = sum(len(t.orphans) for t in killed)
+    tally.moments = [{"reference_s": round(t.moment.reference_s, 3), "progress": t.progress_at_kill,
+                      "attempt_s": round(t.seconds, 3), **t.snapshot} for t in killed]
+    tally.notes.append(f"{len(trials) - len(killed)} attempt(s) ended before their moment")
     record(fault_tally_file, tally)
 
-    assert tally.trials == TRIALS, [(t.moment, t.returncode) for t in trials if not t.killed]
+    assert tally.trials == TRIALS
     assert not tally.orphans, [t.orphans for t in killed]
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert not repeated, repeated
-    assert (lost, diffs) == (0, [])
+    assert not problems, problems

@@ -236,6 +236,7 @@ class FinetuneResult:
         d["lammps_model_path"] = Path(d["lammps_model_path"]) if d["lammps_model_path"] else None
         d["output_dir"] = Path(d["output_dir"])
         d["epoch_times_s"] = tuple(d["epoch_times_s"])
+        d.pop("outputs", None)  # result.json's record of the files, checked on reuse (_verify_outputs)
         return cls(**d)
 
 
@@ -768,6 +769,31 @@ def _require_finite_weights(model_file: Path) -> None:
             "the fine-tune diverged. No model was written: lower the learning rate and check the labels")
 
 
+def _finished_training(cfg: FinetuneConfig, work_dir: Path, train_log: Path) -> TrainingMonitor | None:
+    """The records of an earlier training in ``work_dir`` that validated all ``cfg.epochs`` epochs
+    and whose model mace-torch wrote completely (it loads), else None."""
+    from ..models.foundation import load_mace_model
+
+    metrics_file = metrics_path(work_dir, cfg)
+    trained = work_dir / f"{cfg.name}.model"
+    if not metrics_file.is_file() or not trained.is_file() or not _checkpoints(work_dir, cfg):
+        return None
+    earlier = TrainingMonitor(cfg, metrics_file, guard=False)
+    try:
+        earlier.poll()
+        earlier.check_complete()
+        load_mace_model(trained)
+    except UmlipftError:  # diverged, cut records, or a model file cut by the kill: train again
+        return None
+    if max(earlier.valid) != cfg.epochs - 1:
+        return None
+    log.warning("%s: the earlier training of this fine-tune ran all %d epochs and mace-torch wrote its model "
+                "before the fine-tune was interrupted; that model is used, not trained again", work_dir, cfg.epochs)
+    with open(train_log, "a") as handle:
+        handle.write(f"# umlipft: earlier training finished ({cfg.epochs} epochs had run); its model is used\n")
+    return earlier
+
+
 def _previous_attempt(cfg: FinetuneConfig, work_dir: Path,
                       train_log: Path) -> "tuple[int | None, TrainingMonitor | None]":
     """What to do with an earlier training in ``work_dir``: (0-based epoch mace-torch resumes
@@ -858,15 +884,22 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
     watch = str(out / "data" / "train.extxyz") if config.export_watch else None
     result_path = out / "result.json"
 
-    if previous is not None and result_path.is_file() and model_path.is_file():
-        done = FinetuneResult.from_dict(json.loads(result_path.read_text()))
+    if previous is not None and result_path.is_file():
+        stored = json.loads(result_path.read_text())
+        done = FinetuneResult.from_dict(stored)
+        recorded = stored.get("outputs")  # absent in results written before outputs were recorded
         # Only the same number of epochs: mace-torch cannot shorten a training, and lengthening
         # one is a resume (below).
-        if done.epochs == config.epochs:
+        if done.epochs == config.epochs and (recorded is not None or model_path.is_file()):
+            _verify_outputs(out, recorded or {}, model_path.name,
+                            lammps_path.name if config.export and lammps_path.is_file() else None)
             lammps = done.lammps_model_path
             if config.export and not lammps_path.is_file():
                 lammps = export_lammps_model(ExportConfig(model=str(model_path), output=str(lammps_path),
                                                           dtype=config.export_dtype, optimize=True, watch=watch))
+                if recorded is not None:
+                    stored["outputs"] = {**recorded, **_describe_outputs(lammps)}
+                    atomic_write_text(result_path, json.dumps(stored, indent=2) + "\n")
             return dataclasses.replace(done, lammps_model_path=lammps if config.export else None,
                                        epoch_times_s=(), skipped=True)
 
@@ -909,7 +942,10 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
     # (a diverged or interrupted one leaves no model behind).
     for stale in (result_path, model_path, *out.glob(f"{config.name}-lammps-*.pt")):
         stale.unlink(missing_ok=True)
-    resume_epoch, earlier = _previous_attempt(config, work_dir, train_log)
+    # Killed after mace-torch had trained every epoch and written its model: that is the
+    # uninterrupted training's model, used as it is instead of training it again.
+    earlier = _finished_training(config, work_dir, train_log)
+    resume_epoch, earlier = (None, earlier) if earlier is not None else _previous_attempt(config, work_dir, train_log)
     before = earlier.valid if earlier is not None else {}
     metrics_file = metrics_path(work_dir, config)
     args = mace_arguments(config, foundation_path, data_dir, work_dir, e0, prepared,
@@ -924,8 +960,9 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
     monitor = TrainingMonitor(config, metrics_file, start_epoch=resume_epoch or 0, guard=resume_epoch is None,
                               valid_is_train=prepared.valid_is_train, progress=show,
                               offset=metrics_file.stat().st_size if resume_epoch is not None else 0)
-    with summary.timed("train"):
-        _run_mace(args, train_log, monitor)
+    if earlier is None or resume_epoch is not None:
+        with summary.timed("train"):
+            _run_mace(args, train_log, monitor)
     trained = work_dir / f"{config.name}.model"
     if not trained.is_file():
         raise ExternalProgramError(f"mace-torch finished without writing {trained}; see {train_log}")
@@ -962,6 +999,33 @@ def finetune(config: FinetuneConfig, *, progress: Callable[[EpochProgress], None
                        # 1-based epoch training continued from (inexactly), None when it started afresh
                        "resumed_from_epoch": resume_epoch + 1 if resume_epoch is not None else None,
                        "valid_rmse_by_epoch": {str(k + 1): list(v) for k, v in sorted({**before, **monitor.valid}.items())}}
-    atomic_write_text(result_path, json.dumps(result.to_dict(), indent=2) + "\n")
+    outputs = _describe_outputs(model_path, *([lammps_model] if lammps_model is not None else []))
+    atomic_write_text(result_path, json.dumps({**result.to_dict(), "outputs": outputs}, indent=2) + "\n")
     summary.write(out / "summary.json")
     return result
+
+
+def _describe_outputs(*paths: Path) -> dict[str, dict[str, Any]]:
+    """``{file name: {sha256, bytes}}`` of a finished fine-tune's files, kept in result.json."""
+    return {Path(p).name: {"sha256": sha256_file(p), "bytes": Path(p).stat().st_size} for p in paths}
+
+
+def _verify_outputs(out: Path, recorded: dict[str, dict[str, Any]], model: str, export: str | None) -> None:
+    """Refuse to hand on a finished fine-tune's model (or export) that is not the file it wrote:
+    a cut, edited or missing model would otherwise be reused as the trained one."""
+    for name in (model, export):
+        if name is None or name not in recorded:
+            continue
+        path, want = out / name, recorded[name]
+        redo = (f"delete {out} and rerun the same umlipft finetune command to train it again (or put the "
+                "original file back)" if name == model else
+                f"delete {path} and rerun the same command to export the model again (or put the original back)")
+        if not path.is_file():
+            raise StateError(f"{path} is missing from this finished fine-tune; {redo}")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise StateError(f"{path} was changed after this fine-tune finished: {size} bytes instead of "
+                             f"{want['bytes']} (cut off or replaced); {redo}")
+        if sha256_file(path) != want["sha256"]:
+            raise StateError(f"{path} was changed after this fine-tune finished: its content differs from "
+                             f"what the fine-tune wrote (sha256); {redo}")
