@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="watchdog: stop when a force exceeds this (default 50; 0: off)")
     parser.add_argument("--watchdog-temperature-factor", dest="watchdog_temperature_factor", type=float,
                         help="watchdog: stop above this multiple of --temperature-K (default 10; 0: off)")
+    parser.add_argument("--watch-every", dest="watch_every", type=int,
+                        help="extrapolation watch (NVT, model exported with --watch): check every N steps, "
+                             "keep flagged frames, stop when the model left its data (default 0: off)")
+    parser.add_argument("--watch-patience", dest="watch_patience", type=int,
+                        help="stop after this many consecutive checks outside the data (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)
 
@@ -50,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, key) for key in (
         "output", "continue_from", "model", "dtype", "ensemble", "temperature_K", "pressure_bar",
         "timestep_fs", "steps", "thermo_every", "dump_every", "restart_every", "seed", "replicas",
-        "min_distance_A", "max_force_eV_A", "watchdog_temperature_factor")}
+        "min_distance_A", "max_force_eV_A", "watchdog_temperature_factor", "watch_every", "watch_patience")}
     if args.structure:
         overrides["structure"] = tuple(args.structure)
     if args.elements:
@@ -64,4 +69,9 @@ def _run(args: argparse.Namespace) -> int:
     for result in results:
         print(f"{result.directory}: {result.steps} steps, {result.simulated_ps:.3f} ps, "
               f"{result.ns_per_day:.4f} ns/day -> {result.trajectory}")
+        if result.watch and result.watch["halted"]:
+            atoms = ", ".join(f"{a['element']}{a['id']}" for a in result.watch["fired_atoms"][:8])
+            print(f"  the extrapolation watch stopped the run at step {result.watch['halted_at_step']} "
+                  f"(atoms beyond the training data: {atoms or 'none'}); flagged frames: "
+                  f"{result.directory / 'flagged.extxyz'}")
     return 0

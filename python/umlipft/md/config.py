@@ -72,10 +72,28 @@ class MDConfig(DriverConfig):
     # the temperature exceeds watchdog_temperature_factor x temperature_K (fix halt); 0: off.
     max_force_eV_A: float = 50.0
     watchdog_temperature_factor: float = 10.0
+    # The in-run extrapolation watch (compute mace/q; lammps_inputs/watch.in): every watch_every
+    # steps each atom's node features are compared with the model's training data, frames where
+    # the halting statistic exceeds 1 are kept (flagged.extxyz) and the run stops once it did at
+    # watch_patience consecutive checks: a finished run, shorter than steps (summary: watch). The
+    # model must carry a watch (umlipft export --watch). 0: off. NVT only (watch.in).
+    watch_every: int = 0
+    watch_patience: int = 2
 
     def validate(self) -> None:
         if self.ensemble not in ("nvt", "npt"):
             raise ConfigError(f"ensemble must be nvt or npt, got {self.ensemble!r}")
+        if isinstance(self.watch_every, bool) or self.watch_every < 0:
+            raise ConfigError(f"watch_every must be 0 (off) or a number of steps between checks of the "
+                              f"extrapolation watch (10 costs under 1 % of a step), got {self.watch_every}")
+        if isinstance(self.watch_patience, bool) or self.watch_patience < 1:
+            raise ConfigError(f"watch_patience must be at least 1 (consecutive checks outside the training "
+                              f"data before the run stops), got {self.watch_patience}")
+        if self.watch_every and self.ensemble != "nvt":
+            raise ConfigError(
+                f"watch_every = {self.watch_every} runs lammps_inputs/watch.in, which is NVT only, but ensemble "
+                f"is {self.ensemble}; set ensemble: nvt (--ensemble nvt) for a watched run, or watch_every: 0"
+            )
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
         for key in ("steps", "thermo_every", "dump_every", "replicas"):

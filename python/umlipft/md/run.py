@@ -6,6 +6,11 @@ back to the restart step, and ``run N upto`` stops at the same final step as an 
 run. Each attempt logs to its own ``log.lammps.K``; the thermo table joins them, every attempt
 up to the step the next one resumed from. A finished replica is never rerun: its summary records
 the hash, size and frame or row count of each output, and reuse checks them.
+
+With ``watch_every`` the run uses ``watch.in`` (compute mace/q): a run the watch stopped is a
+finished run, shorter than asked. Its outputs end at the halting step, its summary's ``watch``
+says where and why (:func:`watch_record`), and ``flagged.extxyz`` holds the frames the watch
+flagged with each atom's Q columns.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ TRAJECTORY = "trajectory.extxyz"
 THERMO = "thermo.csv"
 FINAL = "final.extxyz"
 SUMMARY = "summary.json"
+FLAGGED = "flagged.extxyz"
+# The per-atom columns of watch.in's flagged dump (compute mace/q), as flagged.extxyz names them.
+WATCH_COLUMNS = {"c_watch[1]": "watch_q", "c_watch[2]": "watch_q_ratio", "c_watch[3]": "watch_t2",
+                 "c_watch[4]": "watch_halt_ratio"}
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,10 @@ class ReplicaResult:
     trajectory: Path
     thermo: Path
     final: Path
-    steps: int
+    steps: int  # run; fewer than asked when the extrapolation watch stopped the run
     simulated_ps: float
     wall_time_s: float
+    watch: dict[str, Any] | None = None  # watch_record() of a watched run
 
     @property
     def ns_per_day(self) -> float:
@@ -157,6 +167,8 @@ def prepare(config: MDConfig) -> PreparedRun:
         raise InputError(
             f"model {model} does not cover {', '.join(missing)}; fine-tune or export a model with these elements"
         )
+    if config.watch_every:
+        check_model_watch(model, elements, config.watch_every)
     sources = ([f"{config.continue_from} (final frame)"] * len(starts) if config.continue_from
                else [str(p) for p in config.structure] * (len(starts) if len(config.structure) == 1 else 1))
     for atoms, source in zip(starts, sources):
@@ -165,6 +177,26 @@ def prepare(config: MDConfig) -> PreparedRun:
             raise InputError(f"the start structure contains {', '.join(extra)}, missing from elements {' '.join(elements)}")
         check_min_distance(atoms, source, config.min_distance_A)
     return PreparedRun(run_dir, model, elements, tuple(starts), tuple(keep))
+
+
+def check_model_watch(model: Path, elements: Sequence[str], watch_every: int) -> None:
+    """Refuse a watched run before LAMMPS when the model carries no watch or one without some of
+    the run's elements (compute mace/q would refuse it at init, after the start-up)."""
+    from ..models.export import read_export_metadata
+    from ..models.watch import read_watch
+
+    fix = ("export the model with one, fitted on the frames it was trained on: umlipft export MODEL "
+           "--watch TRAIN.extxyz -o OUT.pt (umlipft finetune adds one by itself)")
+    if not read_export_metadata(model).get("watch"):
+        raise InputError(f"watch_every = {watch_every} asks for the extrapolation watch, but the model {model} "
+                         f"carries none; {fix}, or set watch_every: 0")
+    covered = set(read_watch(model).get("elements", {}))
+    missing = [e for e in elements if e not in covered]
+    if missing:
+        raise InputError(f"the extrapolation watch of {model} was fitted without {', '.join(missing)} "
+                         f"(it knows {', '.join(sorted(covered))}), so it cannot judge those atoms; refit it "
+                         "on training frames with every element of the run (umlipft export MODEL --watch "
+                         "TRAIN.extxyz), or set watch_every: 0")
 
 
 def check_min_distance(atoms: "Atoms", source: str, min_distance_A: float) -> None:
@@ -200,6 +232,9 @@ NOT_IDENTITY = ("device",) + SAFETY_KEYS
 
 def config_fingerprint(config: MDConfig) -> str:
     values = {k: v for k, v in config.to_dict().items() if k not in NOT_IDENTITY}
+    if not config.watch_every:  # runs made before the watch existed keep their identity
+        values.pop("watch_every", None)
+        values.pop("watch_patience", None)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
@@ -254,7 +289,15 @@ def lammps_variables(config: MDConfig, prepared: PreparedRun, index: int, direct
     if config.ensemble == "npt":
         variables["pressure_bar"] = repr(config.pressure_bar)
         variables["pdamp_fs"] = repr(config.pdamp_fs)
+    if config.watch_every:
+        variables["watch_every"] = str(config.watch_every)
+        variables["watch_patience"] = str(config.watch_patience)
     return variables
+
+
+def input_name(config: MDConfig) -> str:
+    """The packaged input a run uses: watch.in (NVT with the watch) or the ensemble's."""
+    return "watch" if config.watch_every else config.ensemble
 
 
 def newest_restart(directory: Path) -> tuple[Path, int] | None:
@@ -304,43 +347,57 @@ def run_replica(config: MDConfig, prepared: PreparedRun, index: int, comm: Any =
         return done
 
     summary = RunSummary("md", config, seed=config.seed + index)
-    resume = newest_restart(directory)
     restart_from = None
-    if resume is not None:
-        restart_from, step = resume
-        truncate_dump(directory / f"{PREFIX}.lammpstrj", step)
-    else:
-        (directory / f"{PREFIX}.lammpstrj").unlink(missing_ok=True)
-        write_lammps_data(directory / "start.data", prepared.starts[index], prepared.elements)
-    variables = lammps_variables(config, prepared, index, directory, restart_from)
     attempt = len(lammps_log_paths(directory))
-    log = directory / f"log.lammps.{attempt}"
-    script = input_script(config.ensemble)
-    t0 = time.perf_counter()
-    with summary.timed("lammps"):
-        if comm is None:
-            _run_subprocess(script, variables, log, directory, config, progress)
+    wall = 0.0
+    # A run the watch stopped whose conversion was interrupted: LAMMPS finished (halt, then
+    # write_data); resuming from a restart file would run on past the halt with a fresh window.
+    lammps_done = bool(config.watch_every) and attempt > 0 and _watch_halted_and_written(directory)
+    if not lammps_done:
+        resume = newest_restart(directory)
+        if resume is not None:
+            restart_from, step = resume
+            truncate_dump(directory / f"{PREFIX}.lammpstrj", step)
+            truncate_dump(directory / f"{PREFIX}.flagged.lammpstrj", step)
         else:
-            _run_in_process(script, variables, log, comm, config)
-    wall = time.perf_counter() - t0
+            (directory / f"{PREFIX}.lammpstrj").unlink(missing_ok=True)
+            (directory / f"{PREFIX}.flagged.lammpstrj").unlink(missing_ok=True)
+            write_lammps_data(directory / "start.data", prepared.starts[index], prepared.elements)
+        variables = lammps_variables(config, prepared, index, directory, restart_from)
+        log = directory / f"log.lammps.{attempt}"
+        script = input_script(input_name(config))
+        t0 = time.perf_counter()
+        with summary.timed("lammps"):
+            if comm is None:
+                _run_subprocess(script, variables, log, directory, config, progress)
+            else:
+                _run_in_process(script, variables, log, comm, config)
+        wall = time.perf_counter() - t0
+        attempt += 1
     if comm is not None and comm.Get_rank() != 0:
         return _result(directory, config, wall)
     with summary.timed("convert"):
-        finish_outputs(directory, prepared.elements, config)
-        outputs = record_outputs(directory)
-    result = _result(directory, config, wall)
-    summary.results.update({"steps": config.steps, "simulated_ps": config.steps * config.timestep_ps,
+        end_step = finish_outputs(directory, prepared.elements, config)
+        watch = watch_record(directory, config, end_step) if config.watch_every else None
+        outputs = record_outputs(directory, config)
+    result = _result(directory, config, wall, end_step, watch)
+    summary.results.update({"steps": end_step, "steps_requested": config.steps,
+                            "simulated_ps": end_step * config.timestep_ps,
                             "ns_per_day": result.ns_per_day, "resumed_from": str(restart_from) if restart_from else None,
-                            "attempts": attempt + 1, "model": str(prepared.model),
+                            "attempts": attempt, "model": str(prepared.model),
                             "elements": list(prepared.elements), "outputs": outputs})
+    if watch is not None:
+        summary.results["watch"] = watch
     summary.write(directory / SUMMARY)
     return result
 
 
-def _result(directory: Path, config: MDConfig, wall: float) -> ReplicaResult:
+def _result(directory: Path, config: MDConfig, wall: float, steps: int | None = None,
+            watch: dict[str, Any] | None = None) -> ReplicaResult:
+    steps = config.steps if steps is None else steps
     return ReplicaResult(directory=directory, trajectory=directory / TRAJECTORY, thermo=directory / THERMO,
-                         final=directory / FINAL, steps=config.steps,
-                         simulated_ps=config.steps * config.timestep_ps, wall_time_s=wall)
+                         final=directory / FINAL, steps=steps, simulated_ps=steps * config.timestep_ps,
+                         wall_time_s=wall, watch=watch)
 
 
 def _finished_result(directory: Path, config: MDConfig) -> ReplicaResult | None:
@@ -353,9 +410,12 @@ def _finished_result(directory: Path, config: MDConfig) -> ReplicaResult | None:
         return None  # written atomically: unreadable means it is not ours, and the run is redone
     if data.get("status") != "finished":
         return None
-    verify_outputs(directory, data.get("results", {}).get("outputs"),
+    results = data.get("results", {})
+    verify_outputs(directory, results.get("outputs"), names=output_names(config),
                    legacy_frames=config.steps // config.dump_every + 1)
-    return _result(directory, config, data.get("timings_s", {}).get("lammps", 0.0))
+    # A run the watch stopped is finished at its halting step (recorded), not the steps asked.
+    return _result(directory, config, data.get("timings_s", {}).get("lammps", 0.0),
+                   int(results.get("steps", config.steps)), results.get("watch"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +423,11 @@ def _finished_result(directory: Path, config: MDConfig) -> ReplicaResult | None:
 
 
 OUTPUTS = (TRAJECTORY, THERMO, FINAL)
+
+
+def output_names(config: MDConfig) -> tuple[str, ...]:
+    """The outputs a finished run records: a watched run adds its flagged frames."""
+    return OUTPUTS + ((FLAGGED,) if config.watch_every else ())
 
 
 def count_extxyz_frames(path: Path) -> tuple[int, bool]:
@@ -405,8 +470,9 @@ def describe_output(path: Path) -> dict[str, Any]:
     return record
 
 
-def record_outputs(directory: Path) -> dict[str, dict[str, Any]]:
-    return {name: describe_output(directory / name) for name in OUTPUTS}
+def record_outputs(directory: Path, config: MDConfig | None = None) -> dict[str, dict[str, Any]]:
+    names = output_names(config) if config is not None else OUTPUTS
+    return {name: describe_output(directory / name) for name in names}
 
 
 def verify_outputs(directory: Path, recorded: dict[str, dict[str, Any]] | None,
@@ -617,19 +683,26 @@ def check_steps(what: Path, have: Sequence[int], want: Sequence[int], directory:
     )
 
 
-def finish_outputs(directory: Path, elements: Sequence[str], config: MDConfig) -> None:
+def finish_outputs(directory: Path, elements: Sequence[str], config: MDConfig) -> int:
+    """Convert LAMMPS' outputs (thermo.csv, trajectory.extxyz, final.extxyz and, when watched,
+    flagged.extxyz) after checking that the attempts add up to one run; returns the run's last
+    step: ``steps``, or the step where the extrapolation watch stopped it."""
     from ase.io import read
 
     from ..lammps import read_lammps_dump
 
-    rows = read_thermo(lammps_log_paths(directory))
+    logs = lammps_log_paths(directory)
+    halted = watch_halt_step(logs[-1]) if config.watch_every and logs else None
+    end = config.steps if halted is None else halted
+    rows = read_thermo(logs)
+    # A run stopped by fix halt prints no thermo line at its last step unless one is due there.
     check_steps(directory / "log.lammps.*", [int(r["Step"]) for r in rows],
-                expected_steps(config.thermo_every, config.steps, last=True), directory)
+                expected_steps(config.thermo_every, end, last=end == config.steps), directory)
     write_thermo_csv(rows, directory / THERMO)
     energy_at = {int(r["Step"]): r["PotEng"] for r in rows if "PotEng" in r}
     frames = read_lammps_dump(directory / f"{PREFIX}.lammpstrj")
     check_steps(directory / f"{PREFIX}.lammpstrj", [int(a.info.get("timestep", -1)) for a in frames],
-                expected_steps(config.dump_every, config.steps, last=False), directory)
+                expected_steps(config.dump_every, end, last=False), directory)
     for atoms in frames:
         step = int(atoms.info.pop("timestep", 0))
         atoms.info["step"] = step
@@ -640,11 +713,109 @@ def finish_outputs(directory: Path, elements: Sequence[str], config: MDConfig) -
     write_frames(directory / TRAJECTORY, frames)
     final = read(directory / f"{PREFIX}.final.data", format="lammps-data", atom_style="atomic",
                  units="metal", Z_of_type={k + 1: _z(s) for k, s in enumerate(elements)}, parallel=False)
-    final.info["step"] = config.steps
-    final.info["time_ps"] = config.steps * config.timestep_ps
+    final.info["step"] = end
+    final.info["time_ps"] = end * config.timestep_ps
     write_frames(directory / FINAL, [final])
+    if config.watch_every:
+        write_frames(directory / FLAGGED, flagged_frames(directory, config))
     for path in directory.glob(f"{PREFIX}.restart.*"):
         path.unlink()
+    return end
+
+
+# --------------------------------------------------------------------------------------------
+# the extrapolation watch (watch.in): where it stopped the run, the frames it flagged
+
+
+WATCH_HALT = re.compile(r"Fix halt condition for fix-id watch_halt met on step (\d+)")
+
+
+def watch_halt_step(log: Path) -> int | None:
+    """The step at which watch.in's ``fix watch_halt`` stopped the attempt that wrote ``log``."""
+    if not log.is_file():
+        return None
+    found = WATCH_HALT.findall(log.read_text(encoding="utf-8", errors="replace"))
+    return int(found[-1]) if found else None
+
+
+def _watch_halted_and_written(directory: Path) -> bool:
+    """Whether the newest attempt was stopped by the watch and LAMMPS then ran to its end
+    (write_data of the final frame; LAMMPS' last log line)."""
+    log = lammps_log_paths(directory)[-1]
+    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+    return (WATCH_HALT.search(text) is not None and "Total wall time" in text
+            and (directory / f"{PREFIX}.final.data").is_file())
+
+
+def flagged_frames(directory: Path, config: MDConfig) -> list["Atoms"]:
+    """The whole frames watch.in dumped where the halting statistic exceeded 1, with the per-atom
+    columns of compute mace/q: ``watch_q`` (Q), ``watch_q_ratio`` (Q over the element's limit at
+    the watch's alpha), ``watch_t2`` and ``watch_halt_ratio`` (Q over the element's halting limit;
+    its maximum is the frame's statistic), the LAMMPS atom ID in ``id``; info: step, time_ps and
+    ``watch_statistic``."""
+    import numpy as np
+
+    from ..lammps import read_lammps_dump
+
+    dump = directory / f"{PREFIX}.flagged.lammpstrj"
+    if not dump.is_file() or not dump.read_text().strip():
+        return []
+    frames = read_lammps_dump(dump)
+    out = []
+    for atoms in frames:
+        step = int(atoms.info.pop("timestep", 0))
+        missing = [c for c in WATCH_COLUMNS if c not in atoms.arrays]
+        if missing:
+            raise StateError(f"{dump}: the frame of step {step} has no {', '.join(missing)} column; it was not "
+                             f"written by watch.in. Delete {directory} and rerun the umlipft md command")
+        for column, name in WATCH_COLUMNS.items():
+            atoms.arrays[name] = np.asarray(atoms.arrays.pop(column), dtype=float)
+        atoms.arrays["id"] = np.arange(1, len(atoms) + 1)  # sorted by ID, IDs 1..N (atom_modify map array)
+        atoms.arrays.pop("type", None)
+        atoms.info.update(step=step, time_ps=step * config.timestep_ps,
+                          watch_statistic=float(atoms.arrays["watch_halt_ratio"].max()))
+        atoms.calc = None
+        out.append(atoms)
+    return out
+
+
+def fired_atoms(atoms: "Atoms", limit: float = 1.0) -> list[dict[str, Any]]:
+    """The atoms of a flagged frame beyond their element's halting limit (``watch_halt_ratio`` >
+    ``limit``: what makes the statistic exceed 1), largest first."""
+    import numpy as np
+
+    ratio = np.asarray(atoms.arrays["watch_halt_ratio"])
+    ids = np.asarray(atoms.arrays.get("id", np.arange(1, len(atoms) + 1)))
+    symbols = atoms.get_chemical_symbols()
+    order = [int(i) for i in np.argsort(-ratio) if ratio[i] > limit]
+    return [{"id": int(ids[i]), "element": symbols[i], "halt_ratio": float(ratio[i])} for i in order]
+
+
+def watch_record(directory: Path, config: MDConfig, end_step: int) -> dict[str, Any]:
+    """What the watch saw in a finished run: whether and where it stopped it (``halted``,
+    ``halted_at_step``, ``halted_at_ps``), the flagged frames (count, steps), the largest halting
+    statistic seen (over the flagged frames and the thermo rows, the steps where it was recorded)
+    and the atoms that fired it: those above their halting limit in the last flagged frame (the
+    halting frame when it halted)."""
+    halted_at = watch_halt_step(lammps_log_paths(directory)[-1])
+    # From LAMMPS' dump (%.12g), not flagged.extxyz (ASE writes per-atom values to 8 decimals).
+    flagged = flagged_frames(directory, config)
+    thermo_values = []
+    for row in read_thermo(lammps_log_paths(directory)):
+        if "c_watch" in row:
+            thermo_values.append(float(row["c_watch"]))
+    statistics = [float(a.info["watch_statistic"]) for a in flagged] + thermo_values
+    last = flagged[-1] if flagged else None
+    return {
+        "every": config.watch_every, "patience": config.watch_patience,
+        "halted": halted_at is not None, "halted_at_step": halted_at,
+        "halted_at_ps": None if halted_at is None else halted_at * config.timestep_ps,
+        "steps_run": end_step, "steps_requested": config.steps,
+        "flagged_frames": len(flagged), "flagged_steps": [int(a.info["step"]) for a in flagged],
+        "max_statistic": max(statistics) if statistics else None,
+        "fired_at_step": None if last is None else int(last.info["step"]),
+        "fired_atoms": [] if last is None else fired_atoms(last),
+    }
 
 
 def _z(symbol: str) -> int:
