@@ -127,10 +127,13 @@ def export_lammps_model(config: ExportConfig) -> Path:
     metadata["watch"] = watch is not None
     if watch is not None:
         metadata["watch_file"] = WATCH_FILE
-    metadata.update(_layered_check(wrapper, config))
+    from .lammps_module import layered_support
+
+    unsupported = layered_support(wrapper.model)  # before scripting, which replaces the submodules
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e3nn and mace emit harmless scripting warnings
         scripted = jit.compile(wrapper)
+    metadata.update(_layered_check(scripted, unsupported, config))
     output = Path(config.output) if config.output else default_output_path(config.model, config.dtype)
     extra_files = {METADATA_NAME: json.dumps(metadata)}
     if watch is not None:
@@ -217,19 +220,19 @@ def _optimized_wrapper(source, model, reference_wrapper, config: ExportConfig, h
     }
 
 
-def _layered_check(wrapper, config: ExportConfig) -> dict[str, Any]:
-    """Check the layer methods (several MPI ranks) against forward (one rank) on the probe
-    structure; a model they cannot reproduce is exported for one rank only, saying why."""
+def _layered_check(scripted, reason: str | None, config: ExportConfig) -> dict[str, Any]:
+    """Check the scripted layer methods (several MPI ranks) against its forward (one rank) on
+    the probe structure; a model they cannot reproduce is exported for one rank only, saying
+    why. Scripted, because the layer methods pass mace-torch's LAMMPS hooks, which only stay
+    inert when scripted (eagerly they would call LAMMPS' ML-IAP exchange)."""
     import torch
 
     from .fast import layered_deviation
-    from .lammps_module import layered_support
 
-    reason = layered_support(wrapper.model)
     if reason is None:
         dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
-        numbers = [int(z) for z in wrapper.atomic_numbers]
-        energy_dev, gradient_dev = layered_deviation(wrapper, numbers, float(wrapper.r_max), dtype)
+        numbers = [int(z) for z in scripted.atomic_numbers]
+        energy_dev, gradient_dev = layered_deviation(scripted, numbers, float(scripted.r_max), dtype)
         tolerance = CHECK_TOLERANCE[config.dtype]
         if not (energy_dev <= tolerance and gradient_dev <= tolerance):
             reason = (f"its layer-by-layer evaluation differs from the whole model by {gradient_dev:.3g} eV/A "
@@ -237,7 +240,7 @@ def _layered_check(wrapper, config: ExportConfig) -> dict[str, Any]:
     if reason is not None:
         warnings.warn(f"this export runs on one MPI rank only: {reason}")
         return {"layered": False, "layered_unsupported": reason}
-    return {"layered": True, "layer_feature_dims": list(wrapper.feature_dims),
+    return {"layered": True, "layer_feature_dims": [int(d) for d in scripted.layer_dims()],
             "check_max_layered_edge_gradient_dev": gradient_dev,
             "check_max_layered_node_energy_dev": energy_dev}
 

@@ -148,9 +148,13 @@ class MACEEdgeGradientModel(torch.nn.Module):
         last = self.layer_count - 1
         for i, (interaction, product) in enumerate(zip(self.model.interactions, self.model.products)):
             if i == index:
+                # mace-torch's own LAMMPS hooks, scripted: no exchange happens inside (the plugin
+                # makes it), but the message is cut to the owned rows before the linear map, so
+                # ghosts only pay for the maps that make their features.
                 message, sc = interaction(node_attrs=node_attrs, node_feats=node_feats, edge_attrs=edge_attrs,
                                           edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,
-                                          first_layer=(i == 0))
+                                          first_layer=(i == 0), lammps_class=self.head,
+                                          lammps_natoms=(n_local, node_feats.shape[0] - n_local))
                 if sc is not None:
                     sc = sc[:n_local]
                 out = product(node_feats=message[:n_local], sc=sc, node_attrs=node_attrs[:n_local])
