@@ -35,7 +35,7 @@ label:
   isolated_atom_box_A: 6.0
 finetune: {{epochs: 1, batch_size: 1, device: cpu}}
 evaluation: {{test_steps: 10, test_frames: 2, long_steps: 10, long_label_every: 5}}
-adaptive: {{chunk_steps: 10}}
+adaptive: {{watch_every: 5, watch_patience: 2}}
 """
 
 

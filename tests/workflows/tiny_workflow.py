@@ -20,5 +20,5 @@ label: {{calculator: xtb}}
 finetune: {{epochs: 1, batch_size: 1, e0s: estimated, energy_weight: 1.0}}
 evaluation: {{test_steps: 10, test_frames: 1, long_steps: 10, long_label_every: 5}}
 analysis: {{soap_n_max: 3, soap_l_max: 2, components: 2, coverage_bins: 8}}
-adaptive: {{chunk_steps: 10}}
+adaptive: {{watch_every: 5, watch_patience: 2}}
 """

@@ -11,7 +11,9 @@
 5. long runs: energies with reference points, cross-evaluation and event times (Fig. 5);
 6. Q(t) of the atoms of the events;
 7. the independent test set binned by reference energy (``evaluation.independent``);
-8. supplementary: force parity, fine-tuning, and any other figure of the folder.
+8. the adaptive strategy per iteration: when the in-run watch stopped the segment, which atoms
+   fired it, the labels used, and the labels adaptive needed to reach periodic's error;
+9. supplementary: force parity, fine-tuning, and any other figure of the folder.
 
 Only the standard library: reports are rebuilt on login nodes (``umlipft report DIR``).
 """
@@ -104,6 +106,10 @@ def build_workflow_report(folder: str | Path, output: str | Path | None = None, 
     if independent:
         sections.append(("independent", "Independent test set, binned by reference energy",
                          fig("independent-errors.png") + _independent_table(independent, order)))
+    adaptive = report.get("adaptive")
+    if adaptive:
+        sections.append(("adaptive", "Adaptive: the in-run extrapolation watch per iteration",
+                         _adaptive_html(adaptive, report.get("adaptive_vs_periodic"))))
     supplementary = figs(sorted(n for n in figures if n.endswith("-force-parity.png")))
     supplementary += _finetune_table(report.get("finetune", {}), order)
     supplementary += figs(n for n in figures if n not in used)
@@ -284,6 +290,60 @@ def _independent_table(ind: Mapping[str, Any], order: Sequence[str]) -> str:
                    f"<td class='num'>{_num(models[name]['force_rmse_eV_per_A'], 3)}</td></tr>" for name in names)
     return (f"<table><caption>{_e(str(ind.get('file')))}: {ind.get('n_frames')} frames</caption><tr><th>model</th>"
             "<th>mean (meV/atom)</th><th>RMSE (meV/atom)</th><th>force RMSE (eV/Å)</th></tr>" + rows + "</table>")
+
+
+def _adaptive_html(iterations: Sequence[Mapping[str, Any]], versus: Mapping[str, Any] | None) -> str:
+    """One row per adaptive iteration: the model that ran the segment, how long, where the watch
+    stopped it and which atoms fired it, the flagged frames, the labels and the model they trained."""
+    rows = []
+    for it in iterations:
+        if not it.get("watched"):
+            fired_at = "not watched (U has no training data)"
+        elif it.get("halted"):
+            fired_at = (f"step {it.get('halted_at_step')} of the segment, {_time(it.get('halted_at_ps'))} "
+                        "on the trajectory")
+        else:
+            fired_at = "did not fire: full segment, frames as periodic"
+        fired = it.get("fired_atoms") or []
+        atoms = ", ".join(f"{a['element']} {a['id']} ({a['halt_ratio']:.2f})" for a in fired)
+        if it.get("n_fired_atoms", 0) > len(fired):
+            atoms += f", … ({it['n_fired_atoms']} in all)"
+        if fired and not it.get("halted"):
+            atoms += f" (step {it.get('fired_at_step')}, last flagged frame)"
+        steps = it.get("labelled_steps")
+        chosen = {"watch": "flagged frames, then the frames before the stop",
+                  "periodic": "the second half (periodic's selection)"}.get(str(it.get("selection")), "")
+        rows.append(
+            f"<tr><td class='num'>{it.get('iteration')}</td><td>{_e(str(it.get('model')))}</td>"
+            f"<td class='num'>{_num(it.get('steps'))} ({_time(it.get('start_ps'))} +)</td><td>{_e(fired_at)}</td>"
+            f"<td>{_e(atoms or '–')}</td><td class='num'>{_num(it.get('flagged_frames'))}</td>"
+            f"<td class='num'>{_num(it.get('max_statistic'))}</td>"
+            f"<td>{_e(str(_num(it.get('labels'))))}: {_e(chosen)}"
+            + (f" (steps {_e(', '.join(map(str, steps)))})" if steps else "") + "</td>"
+            f"<td class='num'>{_num(it.get('labels_cumulative'))}</td><td>{_e(str(it.get('trained') or ''))}</td></tr>")
+    table = ("<table><tr><th>iteration</th><th>ran with</th><th>steps (from)</th><th>the watch stopped it at</th>"
+             "<th>atoms that fired it: element ID (Q / halting limit)</th><th>flagged frames</th>"
+             "<th>max statistic</th><th>labels</th><th>labels in all</th><th>trained</th></tr>"
+             + "".join(rows) + "</table>")
+    notes = ["The watch (compute mace/q in LAMMPS) compares every atom's MACE node features with the running model's "
+             "training data every watch_every steps; its statistic is the largest Q over the element's halting limit "
+             "(Bonferroni over the atoms), so above 1 the model has left its data; the segment stops after "
+             "watch_patience checks in a row above 1, and the SAME trajectory continues from there with the model "
+             "fine-tuned on the new labels. Atom IDs are LAMMPS's (1-based order of the start structure)."]
+    if versus:
+        if versus.get("adaptive_model"):
+            notes.append(f"Adaptive reached periodic's self-consistent energy RMSE "
+                         f"({_num(versus.get('periodic_rmse_meV_per_atom'))} meV/atom, {versus.get('periodic_model')}, "
+                         f"{versus.get('periodic_labels')} labels) with {versus.get('adaptive_model')}: "
+                         f"{versus.get('adaptive_labels')} labels, {_num(versus.get('adaptive_rmse_meV_per_atom'))} "
+                         "meV/atom.")
+        else:
+            notes.append(f"Adaptive did not reach periodic's self-consistent energy RMSE "
+                         f"({_num(versus.get('periodic_rmse_meV_per_atom'))} meV/atom, {versus.get('periodic_model')}, "
+                         f"{versus.get('periodic_labels')} labels): its final model {versus.get('adaptive_final_model')} "
+                         f"has {_num(versus.get('adaptive_final_rmse_meV_per_atom'))} meV/atom with "
+                         f"{versus.get('adaptive_final_labels')} labels.")
+    return table + "".join(f"<p class='note'>{_e(n)}</p>" for n in notes)
 
 
 def _finetune_table(ft: Mapping[str, Any], order: Sequence[str]) -> str:

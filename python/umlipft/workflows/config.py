@@ -220,22 +220,26 @@ class AnalysisSettings(DriverConfig):
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveSettings(DriverConfig):
-    """The adaptive strategy: a segment runs in chunks of ``chunk_steps``; it ends early when a
-    frame has more than ``max_fraction_outside`` of its atoms above their Q control limit (PCA of
-    the current training data); the frames furthest outside are labelled."""
+    """The adaptive strategy, driven by the in-run extrapolation watch (``umlipft md
+    --watch-every``; lammps_inputs/watch.in, compute mace/q): every segment after the first runs
+    with the current model's watch (fitted on that model's own training data) until it fires or
+    ``md.segment_steps`` are done. ``watch_every``: steps between two checks (default 10, as
+    watch.in; under 1 % of the step's cost); ``watch_patience``: consecutive checks outside the
+    training data that stop the segment (default 2, as watch.in: one check above the limit is
+    dumped as a flagged frame but does not stop it). Watched segments run NVT (watch.in) in the box
+    the previous segment ended with."""
 
-    chunk_steps: int = 200_000
-    max_fraction_outside: float = 0.05
-    statistic: str = "q"
+    watch_every: int = 10
+    watch_patience: int = 2
 
     def problems(self) -> list[str]:
         out = []
-        if self.statistic not in ("q", "t2"):
-            out.append(f"adaptive.statistic must be q or t2, got {self.statistic!r}")
-        if not 0.0 <= self.max_fraction_outside < 1.0:
-            out.append(f"adaptive.max_fraction_outside must be in [0, 1), got {self.max_fraction_outside}")
-        if self.chunk_steps < 1:
-            out.append(f"adaptive.chunk_steps must be at least 1, got {self.chunk_steps}")
+        if isinstance(self.watch_every, bool) or self.watch_every < 1:
+            out.append(f"adaptive.watch_every must be at least 1 (steps between checks of the watch), "
+                       f"got {self.watch_every}")
+        if isinstance(self.watch_patience, bool) or self.watch_patience < 1:
+            out.append(f"adaptive.watch_patience must be at least 1 (consecutive checks outside the data "
+                       f"that stop a segment), got {self.watch_patience}")
         return out
 
 
@@ -352,8 +356,11 @@ class WorkflowConfig(DriverConfig):
                        f"{ev.test_steps // 2 // md.dump_every + 1} dumped frames")
         if ev.long_label_every % md.dump_every or ev.long_steps % md.dump_every:
             out.append("evaluation.long_steps and long_label_every must be multiples of md.dump_every")
-        if self.adaptive.chunk_steps % md.dump_every or md.segment_steps % self.adaptive.chunk_steps:
-            out.append("adaptive.chunk_steps must divide md.segment_steps and be a multiple of md.dump_every")
+        ad = self.adaptive
+        if ad.watch_every * ad.watch_patience > md.segment_steps:
+            out.append(f"adaptive.watch_every x adaptive.watch_patience = {ad.watch_every * ad.watch_patience} "
+                       f"steps is longer than a segment (md.segment_steps = {md.segment_steps}): the watch "
+                       "could never stop one; check more often or lower the patience")
         return out + stage_config_problems(self)
 
     def subsets(self) -> tuple[int, ...]:
@@ -411,7 +418,8 @@ QUICK_PROFILE: dict[str, Any] = {
     "evaluation": {"test_steps": 40, "test_frames": 5, "long_steps": 40, "long_label_every": 20,
                    "dtype": "float64"},
     "analysis": {"soap_n_max": 4, "soap_l_max": 3, "components": 3, "coverage_bins": 20},
-    "adaptive": {"chunk_steps": 20},
+    # the watch every 5 steps of a 40-step segment, stopping it at the second check in a row
+    "adaptive": {"watch_every": 5, "watch_patience": 2},
 }
 
 PROFILE_DEFAULTS = {"quick": QUICK_PROFILE, "study": STUDY_PROFILE}

@@ -10,6 +10,8 @@
   O-H bond lengths of the data the universal model generated against FT1's;
 - an independent labelled set (``evaluation.independent``): every model's errors binned by
   reference energy;
+- the adaptive strategy per iteration: where the in-run watch stopped the segment, which atoms
+  fired it, the labels used; and the labels adaptive needed to reach periodic's error;
 - the verdict: per model the self-consistent residual, force RMSE, long-run residual, events and
   frames used, and which final model (naive or periodic) is better, by how much, on what.
 
@@ -166,6 +168,8 @@ def _analyse(state: WorkflowState, config: WorkflowConfig, results: Mapping[str,
         report["bond_lengths"] = bonds
     if config.evaluation.independent:
         report["independent"] = _independent(config, results, figures, save_figure, offset or 0.0, evaluators)
+    if "adaptive" in results:
+        report["adaptive"] = adaptive_iterations(results["adaptive"])
     if "adaptive" in results and "periodic" in results and report["self_consistent"]:
         report["adaptive_vs_periodic"] = _adaptive_labels(results, report["self_consistent"])
     report["finetune"] = {m.name: _ft_summary(state, m) for m in _models(results) if m.stage}
@@ -493,12 +497,56 @@ def iteration_datasets(state: WorkflowState, result: StrategyResult) -> list[tup
     return out
 
 
+# The atoms of a halting frame listed in the report, largest Q over the halting limit first.
+MAX_FIRED_ATOMS = 12
+
+
+def adaptive_iterations(result: StrategyResult) -> list[dict[str, Any]]:
+    """Per adaptive iteration (segment): the model that ran it, how long it ran, whether the in-run
+    watch stopped it and when (step of the segment, time on the trajectory), the atoms beyond their
+    halting limit in the halting frame (LAMMPS IDs, elements, Q over the limit), the flagged frames,
+    how its frames were chosen, the labels it added and the cumulative count of the model trained
+    on them."""
+    out: list[dict[str, Any]] = []
+    total = 0
+    models = [m.name for m in result.models]
+    for i, seg in enumerate(result.segments):
+        watch = seg.get("watch")
+        labels = seg.get("labels")
+        total += labels or 0
+        entry: dict[str, Any] = {
+            "iteration": i, "segment": seg["name"], "model": seg["model"], "steps": seg.get("steps"),
+            "start_ps": seg["time_offset_ps"], "watched": watch is not None,
+            "halted": bool(watch and watch["halted"]), "selection": seg.get("selection"),
+            "labels": labels, "labels_cumulative": total,
+            "labelled_steps": seg.get("labelled_steps"),
+            "trained": models[i + 1] if i + 1 < len(models) else None}
+        if watch is not None:
+            fired = watch.get("fired_atoms") or []
+            entry.update(
+                watch_every=watch["every"], watch_patience=watch["patience"],
+                halted_at_step=watch["halted_at_step"],
+                # on the trajectory's clock (the segment's start plus the step's time in it)
+                halted_at_ps=None if watch["halted_at_ps"] is None else seg["time_offset_ps"] + watch["halted_at_ps"],
+                flagged_frames=watch["flagged_frames"], flagged_steps=watch["flagged_steps"],
+                max_statistic=watch["max_statistic"], fired_at_step=watch.get("fired_at_step"),
+                fired_atoms=fired[:MAX_FIRED_ATOMS], n_fired_atoms=len(fired))
+        out.append(entry)
+    return out
+
+
 def _adaptive_labels(results: Mapping[str, StrategyResult], sc: Mapping[str, Any]) -> dict[str, Any]:
-    """How many labels the adaptive strategy needed to reach the periodic workflow's error."""
+    """How many labels the adaptive strategy needed to reach the periodic workflow's error (the
+    self-consistent energy RMSE of periodic's final model): its first model at or below it
+    (``adaptive_model``/``adaptive_labels``, None when none reached it), against periodic's count;
+    also adaptive's final model, its labels and error, whichever way it went."""
     target_model = results["periodic"].models[-1]
     target = sc.get(target_model.name, {}).get("rmse_meV_per_atom")
+    final = results["adaptive"].models[-1]
     out: dict[str, Any] = {"periodic_model": target_model.name, "periodic_rmse_meV_per_atom": target,
-                           "periodic_labels": target_model.n_frames, "adaptive_model": None, "adaptive_labels": None}
+                           "periodic_labels": target_model.n_frames, "adaptive_model": None, "adaptive_labels": None,
+                           "adaptive_final_model": final.name, "adaptive_final_labels": final.n_frames,
+                           "adaptive_final_rmse_meV_per_atom": sc.get(final.name, {}).get("rmse_meV_per_atom")}
     if target is None:
         return out
     for m in results["adaptive"].models[1:]:

@@ -112,9 +112,16 @@ def stage_config_problems(config: WorkflowConfig) -> list[str]:
         runs.append(({**md_names, "steps": "evaluation.long_steps", "seed": "evaluation.seed"},
                      stages.md_values(config, output, model=config.foundation, steps=ev.long_steps, seed=ev.seed,
                                       continue_from=_PREVIOUS)))
+    # the adaptive strategy's watched segments (umlipft md --watch-every; NVT)
+    runs.append(({**md_names, "watch_every": "adaptive.watch_every", "watch_patience": "adaptive.watch_patience"},
+                 stages.md_values(config, output, model=config.foundation, steps=md.segment_steps, seed=md.seed,
+                                  continue_from=_PREVIOUS, watch=(config.adaptive.watch_every,
+                                                                  config.adaptive.watch_patience))))
     for names, values in runs:
+        # a watched run's NVT is the stage's own choice, never the culprit of a refusal
+        own = ("ensemble",) if values.get("watch_every") else ()
         out += _probe(MDConfig, values, names, fixed=("output", "structure", "continue_from", "model", "elements",
-                                                      "replicas"))
+                                                      "replicas", *own))
     segment_ps = md.segment_ps()
     test_ps = ev.test_steps * md.timestep_fs / 1000.0
     window_names = {"count": "frames_per_segment", "every_ns": "frames_per_segment", "start_ns": "md.segment_steps",
@@ -245,6 +252,10 @@ def check_plan(strategies: Sequence[str], config: WorkflowConfig) -> Plan:
                               f"replay frames {ft.replay_file}")
     else:
         plan.finetune_mode = "plain fine-tuning of every weight (no finetune.replay_file configured)"
+    if "adaptive" in strategies and not ft.export_watch:
+        plan.problems.append("finetune.export_watch is false, but the adaptive strategy runs every segment after "
+                             "the first with the extrapolation watch of its model's export; set it to true (the "
+                             "default) or leave adaptive out")
     plan.warnings += _warnings(strategies, config, elements)
     return plan
 
@@ -311,6 +322,10 @@ def _warnings(strategies: Sequence[str], config: WorkflowConfig, elements: Seque
         if intervals % (config.frames_per_segment - 1):
             out.append(f"selection: stride: {config.frames_per_segment} frames over {intervals} dump intervals is "
                        "not an even stride; the frames nearest each stride point are taken")
+    if "adaptive" in strategies and md.ensemble != "nvt":
+        out.append(f"adaptive: the watched segments (1 and later) run NVT (lammps_inputs/watch.in has no barostat) "
+                   f"in the box the previous segment ended with; md.ensemble {md.ensemble} applies to segment 0 and "
+                   "to the tests")
     cores = os.cpu_count() or 1
     if config.parallel_stages * max(1, config.label.processes) > 2 * cores:
         out.append(f"parallel_stages x label.processes = {config.parallel_stages * config.label.processes} on "
@@ -327,6 +342,7 @@ def stage_counts(strategies: Sequence[str], config: WorkflowConfig) -> dict[str,
     out: dict[str, Any] = {}
     for strategy in strategies:
         if strategy in ("periodic", "control", "adaptive"):
+            # adaptive: at most (a segment the watch stops is shorter and may give fewer frames)
             out[strategy] = {"md_runs": config.iterations, "md_steps": config.iterations * md.segment_steps,
                              "labels": config.iterations * config.frames_per_segment,
                              "finetunes": config.iterations}
@@ -393,8 +409,15 @@ def describe(plan: Plan) -> list[str]:
             lines.append(f"  naive: {config.iterations} independent trajectories of {seg}; {c['labels']} labels pooled; "
                          f"fine-tunes on subsets {', '.join(map(str, config.subsets()))} -> "
                          f"{', '.join(f'N-{n}pts' for n in config.subsets())}")
+        elif strategy == "adaptive":
+            ad = config.adaptive
+            lines.append(f"  adaptive: one trajectory, {config.iterations} segments of at most {seg}: segment 0 as "
+                         f"periodic's, then each with the latest model's extrapolation watch (NVT, checked every "
+                         f"{ad.watch_every} steps, stopped after {ad.watch_patience} checks in a row outside its "
+                         f"data); at most {c['labels']} labels (flagged frames and those before the stop, or "
+                         f"periodic's frames where the watch did not fire); {c['finetunes']} fine-tunes (AD1 ...)")
         else:
-            prefix = {"periodic": "FT", "control": "NP-", "adaptive": "AD"}[strategy]
+            prefix = {"periodic": "FT", "control": "NP-"}[strategy]
             lines.append(f"  {strategy}: one trajectory, {config.iterations} segments of {seg} "
                          f"({_time(c['md_steps'], md.timestep_fs)} in all); {c['labels']} labels; "
                          f"{c['finetunes']} fine-tunes ({prefix}1 ...)")

@@ -8,7 +8,9 @@ after STAGE, so a failed or preempted job is simply resubmitted. The graph (``su
 job ``--dependency=afterok`` on the jobs whose stages it needs):
 
 - ``start`` (start structures, U's LAMMPS export), then every strategy as its own branch;
-- periodic/control/adaptive: a chain md -> label -> fine-tune (+ export) per segment;
+- periodic/control/adaptive: a chain md -> label -> fine-tune (+ export) per segment (an adaptive
+  segment's md job runs it with the watch until the watch stops it or its steps are done; its
+  label job then chooses the frames, ``select`` or ``extract``, and labels them);
 - naive: one MPI ensemble job (``srun``/``mpiexec -n K umlipft md --config DIR/naive/md/md.yaml``:
   K replicas on split communicators; the workflow then records the finished run), one label job
   per trajectory in parallel, the pool, then the fine-tunes (in parallel when they all start
@@ -57,7 +59,7 @@ CPU_THREADS_MEASURED = 2
 # small step on a GPU is latency-bound at some 10-20 ms, i.e. about 0.05-0.1 ms per atom.
 GPU_MS_PER_ATOM_STEP = {"float32": 0.05, "float64": 0.1}
 MD_OVERHEAD_S = 600.0  # start-up, TorchScript warm-up, trajectory conversion at the end
-# README: streamed SOAP "about 0.1 s per frame" (200 atoms): adaptive monitoring, fps selection, report.
+# README: streamed SOAP "about 0.1 s per frame" (200 atoms): fps selection, report.
 SOAP_S_PER_FRAME = 0.1
 # Seconds per labelled frame of up to LABEL_REFERENCE_ATOMS atoms, one frame at a time with the
 # job's cores; larger frames scale with (atoms / LABEL_REFERENCE_ATOMS)^3. xtb: WORKFLOWS.md
@@ -155,7 +157,7 @@ class _Estimator:
         self.md_device = "cuda" if s.gpus > 0 else "cpu"
         self.threads = s.cpus_per_task
 
-    def md(self, steps: int, replicas_per_rank: int = 1, analysed_frames: int = 0) -> tuple[float, str]:
+    def md(self, steps: int, replicas_per_rank: int = 1) -> tuple[float, str]:
         dtype = self.config.md.dtype
         if self.md_device == "cuda":
             rate, where = GPU_MS_PER_ATOM_STEP[dtype], "GPU"
@@ -163,7 +165,6 @@ class _Estimator:
             rate = CPU_MS_PER_ATOM_STEP[dtype] * CPU_THREADS_MEASURED / self.threads
             where = f"{self.threads} CPU threads"
         seconds = steps * self.atoms * rate / 1000.0 * replicas_per_rank + MD_OVERHEAD_S
-        seconds += analysed_frames * SOAP_S_PER_FRAME
         return seconds, (f"{steps:,} steps x {self.atoms} atoms x {rate:.3g} ms ({where}, {dtype})"
                          + (f" x {replicas_per_rank} replicas a rank" if replicas_per_rank > 1 else ""))
 
@@ -231,13 +232,10 @@ def plan_jobs(strategies: Sequence[str], config: WorkflowConfig, judge: bool = T
         previous = start
         for i in range(n):
             seg = f"{strategy}/seg-{i:02d}"
-            if strategy == "adaptive" and i > 0:
-                chunks = md.segment_steps // config.adaptive.chunk_steps
-                estimate = est.md(md.segment_steps, analysed_frames=md.segment_steps // md.dump_every + chunks)
-                until = f"{seg}/select"
-            else:
-                estimate, until = est.md(md.segment_steps), f"{seg}/md"
-            md_job = add(f"{strategy}-md-{i:02d}", "md", [strategy], until, [seg], [previous], estimate)
+            # The adaptive watch (compute mace/q every adaptive.watch_every steps) costs under 1 % of
+            # the step (README), inside SAFETY; a segment it stops is shorter than estimated.
+            md_job = add(f"{strategy}-md-{i:02d}", "md", [strategy], f"{seg}/md", [seg], [previous],
+                         est.md(md.segment_steps))
             label = add(f"{strategy}-label-{i:02d}", "label", [strategy], f"{seg}/label", [seg], [md_job],
                         est.label(config.frames_per_segment, segment_frames))
             ft = f"{strategy}/ft-{i + 1:02d}"

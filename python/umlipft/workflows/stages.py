@@ -91,8 +91,11 @@ def elements_of(path: Path) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------- md
 def md_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model: str,
              steps: int, seed: int, structures: Sequence[str] = (), continue_from: str | None = None,
-             deps: Sequence[str] = (), elements: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
-    """One LAMMPS run (several replicas when several structures are given)."""
+             deps: Sequence[str] = (), elements: Sequence[str] = (), dtype: str | None = None,
+             watch: tuple[int, int] | None = None) -> dict[str, Any]:
+    """One LAMMPS run (several replicas when several structures are given). ``watch``: (every,
+    patience) of the extrapolation watch (see :func:`md_values`); the result then holds each
+    replica's ``watch`` record and ``flagged`` frames, and ``steps`` is the steps asked."""
     md = config.md
     dtype = dtype or md.dtype
     inputs = {"model": model, "model_sha256": model_hash(state, model), "steps": steps, "seed": seed,
@@ -101,12 +104,14 @@ def md_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model: 
                      if k not in ("segment_steps", "seed", "dtype", "optimized_export", "parallel_replicas",
                                   "device")},
               "dtype": dtype}
+    if watch:
+        inputs["watch"] = list(watch)
 
     def run(folder: Path) -> dict[str, Any]:
         from ..md import run_md
 
         cfg = md_config(state, config, folder, model=model, steps=steps, seed=seed, structures=structures,
-                        continue_from=continue_from, elements=elements, dtype=dtype)
+                        continue_from=continue_from, elements=elements, dtype=dtype, watch=watch)
         if cfg.replicas > 1 and md.parallel_replicas > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -118,27 +123,37 @@ def md_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, model: 
                                         range(cfg.replicas)))
         else:
             results = run_md(cfg, progress=False)
-        return {"directories": [rel(state, r.directory) for r in results],
-                "trajectories": [rel(state, r.trajectory) for r in results],
-                "thermo": [rel(state, r.thermo) for r in results],
-                "finals": [rel(state, r.final) for r in results],
-                "steps": steps, "timestep_fs": md.timestep_fs,
-                "trajectory_sha256": [sha256_file(r.trajectory) for r in results],
-                # the next segment starts from the finals and the report reads the thermo files:
-                # recorded so that a rerun refuses them changed (WorkflowState.verify_outputs)
-                "outputs": {rel(state, f): sha256_file(f) for r in results for f in (r.thermo, r.final)}}
+        out = {"directories": [rel(state, r.directory) for r in results],
+               "trajectories": [rel(state, r.trajectory) for r in results],
+               "thermo": [rel(state, r.thermo) for r in results],
+               "finals": [rel(state, r.final) for r in results],
+               "steps": steps, "timestep_fs": md.timestep_fs,
+               "trajectory_sha256": [sha256_file(r.trajectory) for r in results],
+               # the next segment starts from the finals and the report reads the thermo files:
+               # recorded so that a rerun refuses them changed (WorkflowState.verify_outputs)
+               "outputs": {rel(state, f): sha256_file(f) for r in results for f in (r.thermo, r.final)}}
+        if watch:
+            flagged = [r.directory / "flagged.extxyz" for r in results]
+            out.update(watch=[r.watch for r in results], flagged=[rel(state, f) for f in flagged])
+            out["outputs"].update({rel(state, f): sha256_file(f) for f in flagged})
+        return out
 
     return state.run(name, inputs, run, deps=deps)
 
 
 def md_values(config: WorkflowConfig, output: str, *, model: str, steps: int, seed: int,
               structures: Sequence[str] = (), continue_from: str | None = None,
-              elements: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
-    """The ``umlipft md`` settings of one workflow MD run (paths as given)."""
+              elements: Sequence[str] = (), dtype: str | None = None,
+              watch: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The ``umlipft md`` settings of one workflow MD run (paths as given). ``watch``: (every,
+    patience) of the extrapolation watch; such a run is NVT (watch.in) whatever md.ensemble says,
+    at the volume of the run it continues."""
     md = config.md
+    watch_values = {"watch_every": watch[0], "watch_patience": watch[1]} if watch else {}
     return {
+        **watch_values,
         "output": output, "structure": list(structures), "continue_from": continue_from, "model": model,
-        "dtype": dtype or md.dtype, "elements": list(elements), "ensemble": md.ensemble,
+        "dtype": dtype or md.dtype, "elements": list(elements), "ensemble": "nvt" if watch else md.ensemble,
         "temperature_K": md.temperature_K, "pressure_bar": md.pressure_bar, "timestep_fs": md.timestep_fs,
         "steps": steps, "thermo_every": md.thermo_every, "dump_every": md.dump_every,
         "restart_every": md.restart_every if md.restart_every and steps > md.restart_every
@@ -154,13 +169,14 @@ def md_values(config: WorkflowConfig, output: str, *, model: str, steps: int, se
 
 def md_config(state: WorkflowState, config: WorkflowConfig, folder: Path, *, model: str, steps: int, seed: int,
               structures: Sequence[str] = (), continue_from: str | None = None,
-              elements: Sequence[str] = (), dtype: str | None = None):
+              elements: Sequence[str] = (), dtype: str | None = None, watch: tuple[int, int] | None = None):
     from ..md import MDConfig
 
     values = md_values(
         config, str(folder / "md"), model=str(absolute(state, model)) if (state.root / model).is_file() else model,
         steps=steps, seed=seed, structures=[str(absolute(state, s)) for s in structures],
-        continue_from=str(absolute(state, continue_from)) if continue_from else None, elements=elements, dtype=dtype)
+        continue_from=str(absolute(state, continue_from)) if continue_from else None, elements=elements, dtype=dtype,
+        watch=watch)
     return MDConfig.from_dict(values, source="workflow md")
 
 

@@ -213,10 +213,20 @@ def _pool_stage(state: WorkflowState, config: WorkflowConfig, labelled: list[str
 
 # --------------------------------------------------------------------------------------- adaptive
 def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult:
-    """Periodic, but each segment (after the first) runs in chunks and ends early when a frame
-    leaves the current training data (more than ``adaptive.max_fraction_outside`` of its atoms
-    above their Q, or T², control limit of a PCA fitted on the training frames); the frames
-    furthest outside are labelled. The first segment, with no training data yet, is periodic's."""
+    """Periodic, but driven by the in-run extrapolation watch. Segment 0 (U, which has no training
+    data to watch) is periodic's. Every later segment continues the SAME trajectory (positions,
+    velocities, box: ``continue_from`` the previous segment's run, halted or not) with the latest
+    model ADn, whose LAMMPS export carries a watch fitted on ADn's own training frames; it runs
+    with the watch (``adaptive.watch_every``/``watch_patience``; NVT, as watch.in is, in the box the
+    previous segment ended with) until the watch fires or ``md.segment_steps`` are done.
+
+    Frames labelled when the watch fired (stage ``seg-NN/select``, :func:`_halt_frames_stage`):
+    the frames the watch flagged (whole frames where the statistic exceeded 1, the halting frame
+    among them), newest first, then the segment's dumped frames before the halt, newest first,
+    skipping steps already taken and step 0 (the previous segment's last state), up to
+    ``frames_per_segment`` in all. When the watch never fires in a segment, the segment ran its
+    full length and its frames are chosen as periodic chooses them (``seg-NN/extract``: the
+    second half, ``selection``). ADn+1 is then fine-tuned on every frame labelled so far."""
     start0, elements, md_model, deps_md = _single_trajectory_start(state, config)
     md = config.md
     ad = config.adaptive
@@ -225,44 +235,85 @@ def run_adaptive(state: WorkflowState, config: WorkflowConfig) -> StrategyResult
     segments: list[dict[str, Any]] = []
     previous_md: str | None = None
     time_ps = 0.0
-    chunks_per_segment = md.segment_steps // ad.chunk_steps
     for i in range(config.iterations):
         seg = f"adaptive/seg-{i:02d}"
-        if i == 0:
-            run = md_stage(state, config, f"{seg}/md", model=md_model, steps=md.segment_steps, seed=md.seed,
-                           structures=[start0], deps=deps_md, elements=elements)
-            segments.append(_segment_record(seg, UNIVERSAL, run, 0.0))
-            ex = extract_stage(state, config, f"{seg}/extract", trajectory=run["trajectories"][0],
-                               start_ps=md.segment_ps() / 2, **_segment_frames(config),
-                               seed=config.seed, deps=[f"{seg}/md"], tag={"strategy": "adaptive", "iteration": 0})
-            previous_md, last_dep = run["directories"][0], f"{seg}/md"
-            time_ps = md.segment_ps()
-            select_stage = f"{seg}/extract"
-            frames = ex["frames"]
+        watch = (ad.watch_every, ad.watch_patience) if i > 0 else None
+        run = md_stage(state, config, f"{seg}/md", model=md_model, steps=md.segment_steps, seed=md.seed,
+                       structures=[start0] if previous_md is None else (), continue_from=previous_md,
+                       deps=deps_md, elements=elements, watch=watch)
+        record = _segment_record(seg, models[-1].name, run, time_ps)
+        seen = run["watch"][0] if watch else None
+        steps_run = seen["steps_run"] if seen else md.segment_steps
+        record["steps"] = steps_run
+        if seen is not None and seen["halted"]:
+            record["watch"] = seen
+            select = f"{seg}/select"
+            frames = _halt_frames_stage(state, config, select, run, iteration=i, time_offset_ps=time_ps)
         else:
-            pieces: list[str] = []
-            chunk_deps = deps_md
-            for c in range(chunks_per_segment):
-                chunk = f"{seg}/chunk-{c:02d}"
-                run = md_stage(state, config, f"{chunk}/md", model=md_model, steps=ad.chunk_steps, seed=md.seed,
-                               continue_from=previous_md, deps=chunk_deps, elements=elements)
-                segments.append(_segment_record(chunk, models[-1].name, run, time_ps))
-                time_ps += ad.chunk_steps * md.timestep_fs / 1000.0
-                pieces.append(f"{chunk}/md")
-                previous_md, chunk_deps = run["directories"][0], [f"{chunk}/md"]
-                check = _monitor_stage(state, config, f"{chunk}/monitor", models[-1], run["trajectories"][0],
-                                       deps=[f"{chunk}/md"])
-                if check["outside"]:
-                    break
-            last_dep = pieces[-1]
-            select_stage = f"{seg}/select"
-            frames = _select_outside_stage(state, config, select_stage, pieces, i)["frames"]
-        lab = label_stage(state, config, f"{seg}/label", frames=frames, deps=[select_stage])
+            if seen is not None:
+                record["watch"] = seen  # it never fired: this segment is periodic's
+            select = f"{seg}/extract"
+            frames = extract_stage(state, config, select, trajectory=run["trajectories"][0],
+                                   start_ps=md.segment_ps() / 2, **_segment_frames(config),
+                                   seed=config.seed + i, time_offset_ps=time_ps, deps=[f"{seg}/md"],
+                                   tag={"strategy": "adaptive", "iteration": i})
+        record["selection"] = "watch" if select.endswith("/select") else "periodic"
+        segments.append(record)
+        lab = label_stage(state, config, f"{seg}/label", frames=frames["frames"], deps=[select])
+        record.update(labels=lab["n_labelled"], labelled_steps=frames["steps"])
         labelled.append(lab["labelled"])
         models.append(_finetune_and_export(state, config, "adaptive", i, f"AD{i + 1}", labelled, models, elements))
         md_model = models[-1].lammps_model
-        deps_md = [last_dep, f"export/AD{i + 1}"]
+        deps_md = [f"{seg}/md", f"export/AD{i + 1}"]
+        previous_md = run["directories"][0]
+        time_ps += steps_run * md.timestep_fs / 1000.0
     return StrategyResult("adaptive", models, segments, labelled)
+
+
+def _halt_frames_stage(state: WorkflowState, config: WorkflowConfig, name: str, run: dict[str, Any], *,
+                       iteration: int, time_offset_ps: float) -> dict[str, Any]:
+    """The frames of a segment the watch stopped that are labelled (see :func:`run_adaptive`):
+    flagged frames newest first, then dumped frames before the halt newest first, no step twice,
+    no step 0, at most ``frames_per_segment``, written in step order. Flagged frames keep their
+    per-atom Q columns (``watch_halt_ratio`` ...)."""
+    trajectory, flagged = run["trajectories"][0], run["flagged"][0]
+    inputs = {"trajectory": trajectory, "flagged": flagged, "n": config.frames_per_segment,
+              "time_offset_ps": time_offset_ps, "iteration": iteration}
+
+    def stage(folder: Path) -> dict[str, Any]:
+        from ..io import read_frames, write_frames
+
+        halt = run["watch"][0]["halted_at_step"]
+        chosen: dict[int, Any] = {}
+        sources = [(a, "watch-flagged") for a in reversed(_frames_or_none(absolute(state, flagged)))]
+        sources += [(a, "before-halt") for a in reversed(read_frames(absolute(state, trajectory)))]
+        for atoms, how in sources:
+            step = int(atoms.info["step"])
+            if len(chosen) >= config.frames_per_segment:
+                break
+            if step == 0 or step > halt or step in chosen:
+                continue
+            atoms = atoms.copy()
+            atoms.calc = None
+            atoms.info.update({"source_file": trajectory, "selection": how, "strategy": "adaptive",
+                               "iteration": iteration, "run_time_ps": float(atoms.info["time_ps"]) + time_offset_ps})
+            chosen[step] = atoms
+        if not chosen:
+            raise InputError(f"{name}: the watch stopped the segment at step {halt} but it holds no frame "
+                             "after its start to label; dump more often (md.dump_every)")
+        steps = sorted(chosen)
+        path = write_frames(folder / "frames.extxyz", [chosen[s] for s in steps])
+        return {"frames": rel(state, path), "n_frames": len(steps), "steps": steps,
+                "selections": [chosen[s].info["selection"] for s in steps], "halted_at_step": halt,
+                "sha256": sha256_file(path)}
+
+    return state.run(name, inputs, stage, deps=[name.rsplit("/", 1)[0] + "/md"])
+
+
+def _frames_or_none(path: Path) -> list:
+    from ..io import read_frames
+
+    return read_frames(path) if path.stat().st_size else []
 
 
 def _pca_for(state: WorkflowState, config: WorkflowConfig, model: ModelInfo):
@@ -280,80 +331,6 @@ def _pca_for(state: WorkflowState, config: WorkflowConfig, model: ModelInfo):
                                      l_max=a.soap_l_max, sigma_A=a.soap_sigma_A, per_element=False))
     pca.save(folder)
     return pca
-
-
-def _monitor_stage(state: WorkflowState, config: WorkflowConfig, name: str, model: ModelInfo, trajectory: str,
-                   deps: list[str]) -> dict[str, Any]:
-    ad = config.adaptive
-    inputs = {"trajectory": trajectory, "model": model.name, "adaptive": ad.to_dict(),
-              "analysis": config.analysis.to_dict()}
-
-    def run(folder: Path) -> dict[str, Any]:
-        import numpy as np
-
-        from ..analysis import QConfig, analyze_trajectory
-
-        pca = _pca_for(state, config, model)
-        a = config.analysis
-        result = analyze_trajectory(pca, absolute(state, trajectory), folder,
-                                    QConfig(alpha=a.alpha, k_sigma=a.k_sigma, n_track=0))
-        q, t2 = result.load(mmap=False)
-        limits = pca.limits(a.alpha, a.k_sigma)
-        symbols = np.asarray(_symbols(absolute(state, trajectory)))
-        lim = np.array([getattr(limits[s], "q_limit" if ad.statistic == "q" else "t2_limit")
-                        if s in limits else np.inf for s in symbols])
-        values = q if ad.statistic == "q" else t2
-        ratio = values / lim
-        frac = (ratio > 1.0).mean(axis=1)
-        np.save(folder / "ratio.npy", ratio)
-        return {"fraction_outside": [float(f) for f in frac], "max_ratio": [float(r) for r in ratio.max(axis=1)],
-                "outside": bool((frac > ad.max_fraction_outside).any())}
-
-    return state.run(name, inputs, run, deps=deps)
-
-
-def _symbols(path: Path) -> list[str]:
-    from ..io import read_frames
-
-    return read_frames(path, index=0)[0].get_chemical_symbols()
-
-
-def _select_outside_stage(state: WorkflowState, config: WorkflowConfig, name: str, pieces: list[str],
-                          iteration: int) -> dict[str, Any]:
-    """The ``frames_per_segment`` frames of this segment whose atoms lie furthest outside the
-    training data (largest mean Q/limit over the atoms), each chunk's first frame excluded (it
-    repeats the previous chunk's last)."""
-
-    def run(folder: Path) -> dict[str, Any]:
-        import numpy as np
-
-        from ..io import read_frames, write_frames
-
-        candidates = []
-        for piece in pieces:
-            chunk = piece.removesuffix("/md")
-            traj = state.result(piece)["trajectories"][0]
-            ratio = np.load(state.stage_dir(f"{chunk}/monitor") / "ratio.npy")
-            frames = read_frames(absolute(state, traj))
-            for j in range(1, len(frames)):
-                candidates.append((float(np.mean(np.minimum(ratio[j], 1e6))), piece, j, frames[j], traj))
-        if not candidates:
-            raise InputError(f"{name}: the segment produced no frames to choose from")
-        candidates.sort(key=lambda c: -c[0])
-        chosen = candidates[:config.frames_per_segment]
-        out = []
-        for score, piece, j, atoms, traj in chosen:
-            atoms = atoms.copy()
-            atoms.calc = None
-            atoms.info.update({"source_file": traj, "source_index": j, "selection": "q-outside",
-                               "mean_q_ratio": score, "strategy": "adaptive", "iteration": iteration})
-            out.append(atoms)
-        path = write_frames(folder / "frames.extxyz", out)
-        return {"frames": rel(state, path), "n_frames": len(out), "scores": [c[0] for c in chosen],
-                "sha256": sha256_file(path)}
-
-    return state.run(name, {"pieces": pieces, "n": config.frames_per_segment}, run,
-                     deps=[*pieces, *[p.removesuffix("/md") + "/monitor" for p in pieces]])
 
 
 STRATEGY_RUNNERS = {"periodic": run_periodic, "naive": run_naive, "control": run_control, "adaptive": run_adaptive}
