@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -155,41 +156,47 @@ def tiny_export(r_max: float, num_interactions: int, elements: list[str], workdi
     return out
 
 
-def shell_count(positions, cell_lengths, grid: list[int], rank_lo_hi, cutoff: float) -> int:
-    """Atoms (periodic images included) within ``cutoff`` of a subdomain, outside it."""
+def node_ratios(atoms, grid: list[int], cutoff: float) -> list[float]:
+    """Per rank of LAMMPS' uniform brick grid (orthogonal box): atoms outside the subdomain,
+    periodic images included, within ``cutoff`` of one of its atoms, over the atoms inside it:
+    the ghost nodes a graph of that reach evaluates."""
     import numpy as np
-
-    lo, hi = rank_lo_hi
-    count = 0
-    shifts = [np.array([i, j, k]) * cell_lengths for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
-    for shift in shifts:
-        x = positions + shift
-        outside = np.maximum(lo - x, 0.0) + np.maximum(x - hi, 0.0)
-        gap = np.sqrt((np.maximum(lo - x, 0.0) ** 2 + np.maximum(x - hi, 0.0) ** 2).sum(1))
-        count += int(((gap < cutoff) & (outside.sum(1) > 0)).sum())
-    return count
-
-
-def geometric_ratios(atoms, grid: list[int], cutoff: float) -> list[float]:
-    """Per rank (orthogonal box, LAMMPS' uniform brick grid): atoms within ``cutoff`` of the
-    subdomain and outside it, over the atoms inside it."""
-    import numpy as np
+    from scipy.spatial import cKDTree
 
     lengths = atoms.cell.lengths()
     positions = atoms.get_positions() % lengths
+    images = np.concatenate([positions + np.array([i, j, k]) * lengths
+                             for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)])
     ratios = []
-    for i in range(grid[0]):
-        for j in range(grid[1]):
-            for k in range(grid[2]):
-                index = np.array([i, j, k])
-                lo = index * lengths / grid
-                hi = (index + 1) * lengths / grid
-                inside = int(np.all((positions >= lo) & (positions < hi), axis=1).sum())
-                ratios.append(shell_count(positions, lengths, grid, (lo, hi), cutoff) / max(inside, 1))
+    for index in np.ndindex(*grid):
+        lo = np.array(index) * lengths / grid
+        hi = (np.array(index) + 1) * lengths / grid
+        owned = positions[np.all((positions >= lo) & (positions < hi), axis=1)]
+        gap = np.sqrt((np.maximum(lo - images, 0.0) ** 2 + np.maximum(images - hi, 0.0) ** 2).sum(1))
+        candidates = images[(gap > 0.0) & (gap < cutoff)]
+        distance, _ = cKDTree(owned).query(candidates, distance_upper_bound=cutoff)
+        ratios.append(float(np.sum(distance < cutoff)) / max(len(owned), 1))
     return ratios
 
 
-def redundancy(frames: Path, target_atoms: int, rank_counts: list[int], workdir: Path) -> list[dict]:
+def brick_grid(ranks: int, lengths) -> list[int]:
+    """LAMMPS' default brick grid for a box: the factorisation with the least surface."""
+    import itertools
+
+    best = None
+    for px, py in itertools.product(range(1, ranks + 1), repeat=2):
+        if ranks % (px * py):
+            continue
+        pz = ranks // (px * py)
+        area = lengths[0] * lengths[1] / (px * py) + lengths[0] * lengths[2] / (px * pz) + \
+            lengths[1] * lengths[2] / (py * pz)
+        if best is None or area < best[0] - 1e-9:
+            best = (area, [px, py, pz])
+    return best[1]
+
+
+def redundancy(frames: Path, target_atoms: int, rank_counts: list[int], workdir: Path,
+               counted_only: list[int]) -> list[dict]:
     import numpy as np
 
     from umlipft.models.foundation import load_mace_model
@@ -197,28 +204,34 @@ def redundancy(frames: Path, target_atoms: int, rank_counts: list[int], workdir:
     real = load_mace_model(DEFAULT_MODEL, dtype="float32")
     r_max, layers = float(real.r_max), int(real.num_interactions)
     base = repeated_frame(frames, (1, 1, 1))
-    side = max(1, round((target_atoms / len(base)) ** (1 / 3)))
+    side = max(1, math.ceil((target_atoms / len(base)) ** (1 / 3)))  # at least target_atoms
     atoms = base.repeat((side, side, side))
     model = tiny_export(r_max, layers, element_list(atoms), workdir)
-    skin = 2.0  # LAMMPS' default for metal units
-    old_shell = layers * r_max + skin
+    skin = 1.0  # lammps_inputs' neighbor skin
+    old_shell = layers * r_max + skin  # the ghost cutoff the previous design asked LAMMPS for
     rows = []
-    for ranks in rank_counts:
+    for ranks in rank_counts + counted_only:
         t0 = time.perf_counter()
-        result = run_lammps(atoms, model, ranks, 1, 0, 0, workdir)
-        measured = [float(v) for v in result["ghost_ratio"].split("/")]
-        geometric_one = geometric_ratios(atoms, result["grid"], r_max)
-        geometric_old = geometric_ratios(atoms, result["grid"], old_shell)
+        if ranks in counted_only:  # too many ranks for this machine's memory: counted only
+            result = {"grid": brick_grid(ranks, atoms.cell.lengths()), "owned": "", "ghost": "",
+                      "ghost_ratio": "not run"}
+            measured = None
+        else:
+            result = run_lammps(atoms, model, ranks, 1, 0, 0, workdir)
+            measured = [float(v) for v in result["ghost_ratio"].split("/")]
+        counted_one = node_ratios(atoms, result["grid"], r_max)
+        counted_old = node_ratios(atoms, result["grid"], layers * r_max)
         row = {"ranks": ranks, "atoms": len(atoms), "grid": result["grid"],
                "owned_min_avg_max": result["owned"], "ghost_min_avg_max": result["ghost"],
                "ghost_ratio_min_avg_max": measured,
-               "geometric_ratio_one_cutoff_avg": float(np.mean(geometric_one)),
-               "geometric_ratio_old_shell_avg": float(np.mean(geometric_old)),
-               "old_shell_A": old_shell}
+               "counted_ratio_one_cutoff_avg": float(np.mean(counted_one)),
+               "counted_ratio_old_avg": float(np.mean(counted_old)),
+               "counted_ratio_old_max": float(np.max(counted_old)),
+               "old_reach_A": layers * r_max, "old_shell_A": old_shell}
         rows.append(row)
         print(f"  {len(atoms)} atoms on {ranks} ranks ({'x'.join(map(str, result['grid']))}): ghost/owned measured "
-              f"{result['ghost_ratio']} (min/avg/max); counted beside it: one cutoff {row['geometric_ratio_one_cutoff_avg']:.2f}, "
-              f"old {old_shell:.0f} A shell {row['geometric_ratio_old_shell_avg']:.2f} "
+              f"{result['ghost_ratio']} (min/avg/max); counted beside it: one cutoff {row['counted_ratio_one_cutoff_avg']:.3f}, "
+              f"previous design ({layers} x r_max = {layers * r_max:.0f} A reach) {row['counted_ratio_old_avg']:.2f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return rows
 
@@ -235,6 +248,9 @@ def main() -> None:
     parser.add_argument("--skip-small", action="store_true")
     parser.add_argument("--redundancy", type=int, nargs="*", default=[], metavar="RANKS")
     parser.add_argument("--redundancy-atoms", type=int, default=100_000)
+    parser.add_argument("--redundancy-counted", type=int, nargs="*", default=[], metavar="RANKS",
+                        help="rank counts whose ratios are only counted from the geometry, not run "
+                             "(64 oversubscribed ranks need ~370 MB each)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -249,8 +265,9 @@ def main() -> None:
     if args.large:
         results.update(scaling(repeated_frame(args.frames, (4, 4, 4)), model, args.large_steps, 1, workdir,
                                "_large"))
-    if args.redundancy:
-        results["redundancy"] = redundancy(args.frames, args.redundancy_atoms, args.redundancy, workdir)
+    if args.redundancy or args.redundancy_counted:
+        results["redundancy"] = redundancy(args.frames, args.redundancy_atoms, args.redundancy, workdir,
+                                           args.redundancy_counted)
     results["uptime_after"] = load_average()
     print(json.dumps(results, indent=2))
     if args.json:
