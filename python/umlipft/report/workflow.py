@@ -315,7 +315,7 @@ def _adaptive_html(iterations: Sequence[Mapping[str, Any]], versus: Mapping[str,
                   "periodic": "the second half (periodic's selection)"}.get(str(it.get("selection")), "")
         rows.append(
             f"<tr><td class='num'>{it.get('iteration')}</td><td>{_e(str(it.get('model')))}</td>"
-            f"<td class='num'>{_num(it.get('steps'))} ({_time(it.get('start_ps'))} +)</td><td>{_e(fired_at)}</td>"
+            f"<td class='num'>{_num(it.get('steps'))} (from {_time(it.get('start_ps'))})</td><td>{_e(fired_at)}</td>"
             f"<td>{_e(atoms or '–')}</td><td class='num'>{_num(it.get('flagged_frames'))}</td>"
             f"<td class='num'>{_num(it.get('max_statistic'))}</td>"
             f"<td>{_e(str(_num(it.get('labels'))))}: {_e(chosen)}"
