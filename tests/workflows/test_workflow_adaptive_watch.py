@@ -24,8 +24,6 @@ from umlipft.workflows.runner import run_workflow
 
 from tiny_workflow import TINY
 
-pytestmark = pytest.mark.slow
-
 
 def _wrapped_delta(a: np.ndarray, b: np.ndarray, cell: np.ndarray) -> np.ndarray:
     frac = np.linalg.solve(cell.T, (a - b).T).T
@@ -33,6 +31,25 @@ def _wrapped_delta(a: np.ndarray, b: np.ndarray, cell: np.ndarray) -> np.ndarray
     return frac @ cell
 
 
+def test_adaptive_watch_settings_are_checked_with_the_plan() -> None:
+    from umlipft.errors import ConfigError, PlanError
+    from umlipft.workflows.plan import check_plan
+
+    with pytest.raises(PlanError, match="adaptive.watch_every must be at least 1"):
+        load_workflow_config(profile="quick", overrides={"adaptive": {"watch_every": 0}})
+    with pytest.raises(PlanError, match="could never stop one"):
+        load_workflow_config(profile="quick", overrides={"adaptive": {"watch_every": 25, "watch_patience": 2}})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) chunk_steps"):  # the post-hoc chunks are gone
+        load_workflow_config(profile="quick", overrides={"adaptive": {"chunk_steps": 20}})
+    plan = check_plan(("adaptive",), load_workflow_config(profile="quick",
+                                                          overrides={"finetune": {"export_watch": False}}))
+    assert any("finetune.export_watch is false" in p for p in plan.problems)
+    plan = check_plan(("periodic", "adaptive"), load_workflow_config(profile="quick"))
+    assert any("watched segments" in w and "NVT" in w for w in plan.warnings)
+    assert any("extrapolation watch" in line for line in plan.text().splitlines())
+
+
+@pytest.mark.slow
 def test_adaptive_labels_around_the_halt_and_continues_the_trajectory(tmp_path: Path, small_model_path: Path) -> None:
     from umlipft.report.workflow import build_workflow_report
     from umlipft.workflows.judge import adaptive_iterations
