@@ -380,9 +380,11 @@ def finetune_stage(state: WorkflowState, config: WorkflowConfig, name: str, *, m
         train_path = folder / TRAIN
         write_frames(train_path, frames)  # same frames, same bytes: a rerun's request matches
         out = folder / "model"
-        if not ft.resume_from_checkpoint and (out / "mace").is_dir() and not (out / "result.json").is_file():
+        if (not ft.resume_from_checkpoint and (out / "mace").is_dir() and not (out / "result.json").is_file()
+                and not (out / "mace" / f"{model_name}.model").is_file()):
             # An interrupted training restarts from epoch 0 with the same seed: the workflow then
-            # ends with the models of an uninterrupted run (see FinetuneSettings).
+            # ends with the models of an uninterrupted run (see FinetuneSettings). One killed after
+            # its last epoch (mace-torch's model written) is kept: the driver uses that model.
             shutil.rmtree(out)
         foundation = str(absolute(state, start_model)) if (state.root / start_model).is_file() else start_model
         cfg = finetune_config(config, str(train_path), foundation, str(out), model_name,
