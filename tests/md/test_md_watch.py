@@ -59,7 +59,7 @@ def hcl_structure(tmp_path_factory, aqueous_dir: Path) -> tuple[Path, int]:
 
 def watched(tmp_path: Path, structure: Path, model: Path, **changes) -> MDConfig:
     values = dict(output=str(tmp_path / "run"), structure=(str(structure),), model=str(model), ensemble="nvt",
-                  steps=80, thermo_every=10, dump_every=10, restart_every=20, watch_every=10, watch_patience=2)
+                  steps=40, thermo_every=5, dump_every=5, restart_every=5, watch_every=5, watch_patience=2)
     values.update(changes)
     return MDConfig.from_dict(values)
 
@@ -118,8 +118,8 @@ def test_a_run_the_watch_stopped_is_finished_recorded_and_not_rerun(tmp_path: Pa
     watch = result.watch
     assert watch is not None and watch["halted"], watch
     halt = watch["halted_at_step"]
-    # patience 2 at checks every 10 steps: the earliest halt is step 20, and it stops before 80
-    assert 20 <= halt < config.steps and halt % config.watch_every == 0
+    # patience 2 at checks every 5 steps: the earliest halt is step 10, and it stops before the end
+    assert config.watch_every * config.watch_patience <= halt < config.steps and halt % config.watch_every == 0
     assert result.steps == halt and result.simulated_ps == pytest.approx(halt * config.timestep_ps)
     summary = json.loads((result.directory / "summary.json").read_text())
     assert summary["status"] == "finished"
