@@ -1,6 +1,7 @@
 """The README's reliability table from a real run of the kill -9 trials.
 
     .venv/bin/python scripts/fault_injection_table.py            # run the trials, then print the table
+    .venv/bin/python scripts/fault_injection_table.py --all      # every test of those files (--durations)
     .venv/bin/python scripts/fault_injection_table.py --no-run   # the table of the last run
 
 The trials (tests/reliability/test_kill_*.py, ``-k kill_9``) write their tallies to
@@ -23,12 +24,13 @@ KINDS = ("md", "label", "finetune", "workflow")
 TESTS = [f"tests/reliability/test_kill_{kind}.py" for kind in KINDS]
 
 
-def run(path: Path) -> int:
+def run(path: Path, everything: bool = False) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     env = dict(os.environ, UMLIPFT_FAULT_INJECTION_JSON=str(path))
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pytest", *TESTS, "-k", "kill_9", "-q", "-s", "-p", "no:cacheprovider"],
+    select = ["--durations=0"] if everything else ["-k", "kill_9"]
+    done = subprocess.run([sys.executable, "-m", "pytest", *TESTS, *select, "-q", "-s", "-p", "no:cacheprovider"],
                           cwd=ROOT, env=env)
     data = json.loads(path.read_text()) if path.is_file() else {}
     data["_run"] = {"pytest_exit": done.returncode, "wall_s": round(time.monotonic() - t0, 1),
@@ -60,8 +62,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, default=DEFAULT, help=f"tallies (default {DEFAULT.relative_to(ROOT)})")
     parser.add_argument("--no-run", action="store_true", help="print the table of the tallies already there")
+    parser.add_argument("--all", action="store_true", help="run every test of the trial files, not only the trials")
     args = parser.parse_args()
-    code = 0 if args.no_run else run(args.json)
+    code = 0 if args.no_run else run(args.json, args.all)
     print(table(args.json))
     return code
 
