@@ -41,3 +41,16 @@ def isolated_water_and_ion():
     atoms.center()
     atoms.pbc = False
     return atoms
+
+
+def hcl_at(atoms, distance_A: float = 1.3):
+    """The study's failure mode: the H nearest to the first Cl moved along their line to
+    ``distance_A`` of it (HCl forms). Returns (new atoms, index of the H, index of the Cl)."""
+    atoms = atoms.copy()
+    symbols = np.asarray(atoms.get_chemical_symbols())
+    cl = int(np.flatnonzero(symbols == "Cl")[0])
+    hydrogens = np.flatnonzero(symbols == "H")
+    h = int(hydrogens[np.argmin(atoms.get_distances(cl, hydrogens, mic=True))])
+    v = atoms.get_distance(cl, h, mic=True, vector=True)
+    atoms.positions[h] = atoms.positions[cl] + v / np.linalg.norm(v) * distance_A
+    return atoms, h, cl

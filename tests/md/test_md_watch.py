@@ -12,31 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sample_structures import hcl_at
 
 from umlipft.errors import ConfigError, InputError
 from umlipft.io import read_frames, write_frames
 from umlipft.md import MDConfig, run_md
 
-NAIVE_11 = "Finetuning__Naive__Finetuned_Models__11pts__11pt_dataset.xyz"
 ELEMENTS = ("H", "Li", "O", "Cl", "Co")
-
-
-@pytest.fixture(scope="module")
-def training_file(tmp_path_factory, aqueous_dir: Path) -> Path:
-    """Three frames of the study's naive 11-point set and its isolated atoms."""
-    frames = read_frames(aqueous_dir / "training_sets" / NAIVE_11)
-    path = tmp_path_factory.mktemp("md-watch-train") / "train.extxyz"
-    write_frames(path, [a for a in frames if len(a) > 1][:3] + [a for a in frames if len(a) == 1])
-    return path
-
-
-@pytest.fixture(scope="module")
-def watched_export(tmp_path_factory, small_model_path: Path, training_file: Path) -> Path:
-    from umlipft.models.export import ExportConfig, export_lammps_model
-
-    out = tmp_path_factory.mktemp("md-watch-export") / "small-watch-fp64.pt"
-    return export_lammps_model(ExportConfig(model=str(small_model_path), output=str(out), dtype="float64",
-                                            elements=ELEMENTS, watch=str(training_file)))
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +27,7 @@ def hcl_structure(tmp_path_factory, aqueous_dir: Path) -> tuple[Path, int]:
     the file and the H's LAMMPS atom ID (1-based index)."""
     from ase.io import read
 
-    atoms = read(aqueous_dir / "single_points" / "Evaluations__U__dft.extxyz", 0)
-    symbols = np.asarray(atoms.get_chemical_symbols())
-    cl = int(np.flatnonzero(symbols == "Cl")[0])
-    hydrogens = np.flatnonzero(symbols == "H")
-    h = int(hydrogens[np.argmin(atoms.get_distances(cl, hydrogens, mic=True))])
-    v = atoms.get_distance(cl, h, mic=True, vector=True)
-    atoms.positions[h] = atoms.positions[cl] + v / np.linalg.norm(v) * 1.3
+    atoms, h, _ = hcl_at(read(aqueous_dir / "single_points" / "Evaluations__U__dft.extxyz", 0))
     path = tmp_path_factory.mktemp("md-watch-start") / "hcl.extxyz"
     write_frames(path, [atoms])
     return path, h + 1

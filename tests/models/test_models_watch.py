@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sample_structures import hcl_at
 
 from umlipft.cli import main
 from umlipft.errors import ConfigError, InputError
@@ -186,18 +187,6 @@ def test_watch_q_equals_analyze_q(tmp_path: Path, small_model_path: Path, small_
 
 
 # --------------------------------------------------------------------------- halting statistic
-def _hcl_at(atoms, distance_A: float):
-    """The H nearest to the first Cl moved along their line to ``distance_A`` of it."""
-    atoms = atoms.copy()
-    symbols = np.asarray(atoms.get_chemical_symbols())
-    cl = int(np.flatnonzero(symbols == "Cl")[0])
-    hydrogens = np.flatnonzero(symbols == "H")
-    h = int(hydrogens[np.argmin(atoms.get_distances(cl, hydrogens, mic=True))])
-    v = atoms.get_distance(cl, h, mic=True, vector=True)
-    atoms.positions[h] = atoms.positions[cl] + v / np.linalg.norm(v) * distance_A
-    return atoms, h, cl
-
-
 @pytest.mark.slow
 def test_halt_is_quiet_on_the_data_and_fires_outside_it(small_model_path: Path, naive11_path: Path,
                                                         aqueous_eval_frames_path: Path) -> None:
@@ -210,7 +199,7 @@ def test_halt_is_quiet_on_the_data_and_fires_outside_it(small_model_path: Path, 
     independent = read_frames(aqueous_eval_frames_path, index=":4")
     compressed = independent[0].copy()
     compressed.set_cell(compressed.cell * 0.85, scale_atoms=True)
-    hcl, h, cl = _hcl_at(independent[1], 1.3)
+    hcl, h, cl = hcl_at(independent[1], 1.3)
     result = watch_q(watch, [*independent, compressed, hcl])
     quiet, alarm = result.halt[:4], result.halt[4:]
     assert np.all(quiet < 1.0), quiet

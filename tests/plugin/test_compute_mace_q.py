@@ -15,34 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sample_structures import hcl_at
 from tolerances import WATCH_LAMMPS_VS_ANALYZE_Q_REL
 
 from umlipft.cli import main
-from umlipft.io import read_frames, write_frames
+from umlipft.io import write_frames
 from umlipft.lammps import lammps_environment, lmp_executable, write_lammps_data
 from umlipft.lammps.data import read_lammps_dump
 
 ELEMENTS = ["Li", "Co", "Cl", "O", "H"]
-NAIVE_11 = "Finetuning__Naive__Finetuned_Models__11pts__11pt_dataset.xyz"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def training_file(tmp_path_factory, aqueous_dir: Path) -> Path:
-    """Three frames of the study's naive 11-point set and its isolated atoms."""
-    frames = read_frames(aqueous_dir / "training_sets" / NAIVE_11)
-    path = tmp_path_factory.mktemp("watch-train") / "train.extxyz"
-    write_frames(path, [a for a in frames if len(a) > 1][:3] + [a for a in frames if len(a) == 1])
-    return path
-
-
-@pytest.fixture(scope="module")
-def watched_export(tmp_path_factory, small_model_path: Path, training_file: Path) -> Path:
-    from umlipft.models.export import ExportConfig, export_lammps_model
-
-    out = tmp_path_factory.mktemp("watch-export") / "small-watch-fp64.pt"
-    return export_lammps_model(ExportConfig(model=str(small_model_path), output=str(out), dtype="float64",
-                                            elements=("H", "Li", "O", "Cl", "Co"), watch=str(training_file)))
 
 
 def lmp(workdir: Path, script: str, ranks: int = 1, *args: str) -> subprocess.CompletedProcess:
@@ -58,7 +40,7 @@ def lmp(workdir: Path, script: str, ranks: int = 1, *args: str) -> subprocess.Co
 @pytest.mark.mpi
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_q_in_lammps_equals_analyze_q_on_the_dumped_frames(ranks: int, tmp_path: Path, watched_export: Path,
-                                                             training_file: Path, small_model_path: Path,
+                                                             watch_training_file: Path, small_model_path: Path,
                                                              aqueous_frame) -> None:
     data = write_lammps_data(tmp_path / "start.data", aqueous_frame, ELEMENTS)
     done = lmp(tmp_path, f"""
@@ -81,7 +63,7 @@ run 10
     blocks = (tmp_path / "frames.dump").read_text().split("ITEM: TIMESTEP")[1:]
     lammps_q = [np.loadtxt(block.splitlines()[9:], usecols=(6, 7, 8)) for block in blocks]
     judged = write_frames(tmp_path / "dumped.extxyz", frames)
-    assert main(["analyze", "pca", "--fit", str(training_file), "--descriptor", "mace", "--model",
+    assert main(["analyze", "pca", "--fit", str(watch_training_file), "--descriptor", "mace", "--model",
                  str(small_model_path), "-o", str(tmp_path / "pca")]) == 0
     assert main(["analyze", "q", "--pca", str(tmp_path / "pca"), str(judged), "-o", str(tmp_path / "q")]) == 0
     summary = json.loads((tmp_path / "q" / "q_results.json").read_text())
@@ -106,22 +88,10 @@ def watch_run(workdir: Path, atoms, model: Path, steps: int = 40) -> tuple[subpr
     return done, workdir / "md.flagged.lammpstrj"
 
 
-def hcl_pair(atoms, distance_A: float = 1.3):
-    """The study's failure: an H moved to bonding distance of a Cl (HCl forms). Returns the
-    structure and the H's atom ID (1-based, as LAMMPS numbers them)."""
-    atoms = atoms.copy()
-    symbols = np.asarray(atoms.get_chemical_symbols())
-    cl = int(np.flatnonzero(symbols == "Cl")[0])
-    hydrogens = np.flatnonzero(symbols == "H")
-    h = int(hydrogens[np.argmin(atoms.get_distances(cl, hydrogens, mic=True))])
-    v = atoms.get_distance(cl, h, mic=True, vector=True)
-    atoms.positions[h] = atoms.positions[cl] + v / np.linalg.norm(v) * distance_A
-    return atoms, h + 1
-
-
 def test_watch_in_stops_a_run_outside_the_data_and_keeps_its_frames(tmp_path: Path, watched_export: Path,
                                                                     aqueous_frame) -> None:
-    structure, h_id = hcl_pair(aqueous_frame)
+    structure, h, _ = hcl_at(aqueous_frame)
+    h_id = h + 1  # LAMMPS atom IDs follow the order, from 1
     steps = 80
     done, flagged = watch_run(tmp_path, structure, watched_export, steps)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -149,19 +119,24 @@ def test_watch_in_lets_an_in_distribution_run_finish(tmp_path: Path, watched_exp
     assert not flagged.exists() or flagged.read_text().strip() == ""
 
 
-def test_a_model_without_a_watch_is_refused_naming_watch(tmp_path: Path, exported_fast_fp64: Path,
-                                                         aqueous_frame) -> None:
-    data = write_lammps_data(tmp_path / "start.data", aqueous_frame, ELEMENTS)
-    done = lmp(tmp_path, f"""
+def watched_single_point(workdir: Path, model: Path, atoms) -> subprocess.CompletedProcess:
+    """run 0 of ``atoms`` with compute mace/q in the thermo output."""
+    data = write_lammps_data(workdir / "start.data", atoms, ELEMENTS)
+    return lmp(workdir, f"""
 units metal
 atom_style atomic
 read_data {data}
 pair_style mace
-pair_coeff * * {exported_fast_fp64} {' '.join(ELEMENTS)}
+pair_coeff * * {model} {' '.join(ELEMENTS)}
 compute q all mace/q
 thermo_style custom step pe c_q
 run 0
 """)
+
+
+def test_a_model_without_a_watch_is_refused_naming_watch(tmp_path: Path, exported_fast_fp64: Path,
+                                                         aqueous_frame) -> None:
+    done = watched_single_point(tmp_path, exported_fast_fp64, aqueous_frame)
     assert done.returncode != 0
     assert "has no watch" in done.stdout and "--watch TRAIN.extxyz" in done.stdout
 
@@ -179,16 +154,6 @@ def test_a_watch_fitted_for_other_elements_is_refused(tmp_path: Path, watched_ex
     edited = tmp_path / "no-co.pt"
     torch.jit.save(module, str(edited), _extra_files={"umlipft.json": extra["umlipft.json"],
                                                       "umlipft_watch.json": json.dumps(watch)})
-    data = write_lammps_data(tmp_path / "start.data", aqueous_frame, ELEMENTS)
-    done = lmp(tmp_path, f"""
-units metal
-atom_style atomic
-read_data {data}
-pair_style mace
-pair_coeff * * {edited} {' '.join(ELEMENTS)}
-compute q all mace/q
-thermo_style custom step pe c_q
-run 0
-""")
+    done = watched_single_point(tmp_path, edited, aqueous_frame)
     assert done.returncode != 0
     assert "atom type 2 is Co" in done.stdout and "refit the watch" in done.stdout

@@ -603,18 +603,24 @@ def probe_structure(atomic_numbers: Sequence[int], r_max: float, seed: int = 7):
     return Atoms(numbers=numbers, positions=positions, cell=[box] * 3, pbc=True)
 
 
-def edge_outputs(wrapper: torch.nn.Module, atoms, atomic_numbers: Sequence[int], r_max: float, dtype):
-    """(node energies, edge gradients) of an (unscripted or scripted) MACEEdgeGradientModel."""
+def probe_graph(atoms, atomic_numbers: Sequence[int], r_max: float, dtype):
+    """(positions, species, edge_index, shifts) of a periodic structure, as the wrapper takes them."""
     import numpy as np
     from mace.data.neighborhood import get_neighborhood
 
     edge_index, shifts, _, _ = get_neighborhood(positions=atoms.get_positions(), cutoff=r_max,
                                                 pbc=(True, True, True), cell=atoms.get_cell().array)
     index = {int(z): k for k, z in enumerate(atomic_numbers)}
-    positions = torch.tensor(atoms.get_positions(), dtype=dtype)
-    species = torch.tensor([index[int(z)] for z in atoms.numbers], dtype=torch.long)
-    edges = torch.tensor(np.ascontiguousarray(edge_index), dtype=torch.long)
-    _, node_energy, grad, _ = wrapper(positions, species, edges, torch.tensor(shifts, dtype=dtype), len(atoms))
+    return (torch.tensor(atoms.get_positions(), dtype=dtype),
+            torch.tensor([index[int(z)] for z in atoms.numbers], dtype=torch.long),
+            torch.tensor(np.ascontiguousarray(edge_index), dtype=torch.long),
+            torch.tensor(shifts, dtype=dtype))
+
+
+def edge_outputs(wrapper: torch.nn.Module, atoms, atomic_numbers: Sequence[int], r_max: float, dtype):
+    """(node energies, edge gradients) of an (unscripted or scripted) MACEEdgeGradientModel."""
+    positions, species, edges, shifts = probe_graph(atoms, atomic_numbers, r_max, dtype)
+    _, node_energy, grad, _ = wrapper(positions, species, edges, shifts, len(atoms))
     return node_energy.detach().double(), grad.detach().double()
 
 
@@ -631,22 +637,13 @@ def layered_deviation(wrapper: torch.nn.Module, atomic_numbers: Sequence[int], r
     """Largest |difference| of node energies (eV) and edge gradients (eV/Å) between ``forward``
     and the layer-by-layer path the plugin runs across MPI ranks, on the probe structure with
     its periodic images as ghost nodes (see :func:`umlipft.models.lammps_module.layered_outputs`)."""
-    import numpy as np
-    from mace.data.neighborhood import get_neighborhood
-
     from .lammps_module import layered_outputs
 
     # At most 8 elements, spread over the table: the probe box holds 16 atoms.
     numbers = list(atomic_numbers)
     sample = [numbers[round(k * (len(numbers) - 1) / 7)] for k in range(8)] if len(numbers) > 8 else numbers
     atoms = probe_structure(sorted(set(sample)), r_max)
-    edge_index, shifts, _, _ = get_neighborhood(positions=atoms.get_positions(), cutoff=r_max,
-                                                pbc=(True, True, True), cell=atoms.get_cell().array)
-    index = {int(z): k for k, z in enumerate(atomic_numbers)}
-    positions = torch.tensor(atoms.get_positions(), dtype=dtype)
-    species = torch.tensor([index[int(z)] for z in atoms.numbers], dtype=torch.long)
-    edges = torch.tensor(np.ascontiguousarray(edge_index), dtype=torch.long)
-    shifts_t = torch.tensor(shifts, dtype=dtype)
+    positions, species, edges, shifts_t = probe_graph(atoms, atomic_numbers, r_max, dtype)
     _, node_energy, gradient, _ = wrapper(positions, species, edges, shifts_t, len(atoms))
     layered_energy, layered_gradient = layered_outputs(wrapper, positions, species, edges, shifts_t)
     return (float((node_energy.double() - layered_energy.double()).abs().max()),
