@@ -440,37 +440,31 @@ void PairMACE::build_graph()
     return dx * dx + dy * dy + dz * dz < cut2;
   };
 
-  if (active_mode == GraphMode::OWNED) {
-    // Ghost images fold back onto their owners: one rank owns every atom.
+  // Owned graph: ghost images fold back onto their owners (one rank owns every atom). Ghost
+  // graph: a ghost neighbour becomes a node once, whatever its image; its features arrive from
+  // its owner between layers. Receivers are owned atoms either way.
+  const bool fold_images = (active_mode == GraphMode::OWNED);
+  if (fold_images) {
     tagint max_tag = 0;
     for (int i = 0; i < nlocal; ++i) max_tag = std::max(max_tag, tag[i]);
     if (static_cast<tagint>(tag_to_local.size()) <= max_tag) tag_to_local.resize(max_tag + 1);
     for (int i = 0; i < nlocal; ++i) tag_to_local[tag[i]] = i;
-    for (int n = 0; n < n_local_nodes; ++n) {
-      const int i = node_to_atom[n];
-      const int *jlist = firstneigh[i];
-      for (int jj = 0; jj < numneigh[i]; ++jj) {
-        const int j = jlist[jj] & NEIGHMASK;
-        if (type_to_species[type[j]] < 0 || !within_cutoff(i, j)) continue;
-        const int owner = (j < nlocal) ? j : tag_to_local[tag[j]];
-        add_edge(i, owner, j);
+  }
+  for (int n = 0; n < n_local_nodes; ++n) {
+    const int i = node_to_atom[n];
+    const int *jlist = firstneigh[i];
+    for (int jj = 0; jj < numneigh[i]; ++jj) {
+      const int j = jlist[jj] & NEIGHMASK;
+      if (type_to_species[type[j]] < 0 || !within_cutoff(i, j)) continue;
+      if (fold_images) {
+        add_edge(i, (j < nlocal) ? j : tag_to_local[tag[j]], j);
+        continue;
       }
-    }
-  } else {
-    // Owned receivers only; a ghost neighbour becomes a node once, whatever its image. Its
-    // features arrive from its owner between layers.
-    for (int n = 0; n < n_local_nodes; ++n) {
-      const int i = node_to_atom[n];
-      const int *jlist = firstneigh[i];
-      for (int jj = 0; jj < numneigh[i]; ++jj) {
-        const int j = jlist[jj] & NEIGHMASK;
-        if (type_to_species[type[j]] < 0 || !within_cutoff(i, j)) continue;
-        if (atom_to_node[j] < 0) {
-          atom_to_node[j] = static_cast<int>(node_to_atom.size());
-          node_to_atom.push_back(j);
-        }
-        add_edge(i, j, j);
+      if (atom_to_node[j] < 0) {
+        atom_to_node[j] = static_cast<int>(node_to_atom.size());
+        node_to_atom.push_back(j);
       }
+      add_edge(i, j, j);
     }
   }
 
