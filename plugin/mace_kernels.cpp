@@ -8,7 +8,9 @@
      out[i, p, c, m] = sum over edges e -> i of  w[e, p, c] * x[sender(e), c] * Y[e, m]
 
    for every path p of the tensor product (m runs over that path's block of spherical
-   harmonics; e3nn's path constant is folded into Y by the caller). mace-torch materialises the
+   harmonics; e3nn's path constant is folded into Y by the caller) and every receiving node i:
+   all nodes, or the first num_receivers (the owned atoms of an MPI rank, whose ghosts only
+   send). mace-torch materialises the
    edges x channels x (lmax+1)^2 message and scatters it; here each receiver's sum is
    accumulated in a small cache-resident buffer, so forward and backward each stream the
    per-edge weights once and never build an edge x channel x irrep tensor.
@@ -75,14 +77,15 @@ KeyGroups group_by_key(const int64_t *key, int64_t count, int64_t num_keys, cons
   return groups;
 }
 
-KeyGroups group_edges_by_receiver(const Tensor &receiver, const Tensor &sender, int64_t num_nodes)
+KeyGroups group_edges_by_receiver(const Tensor &receiver, const Tensor &sender, int64_t num_nodes,
+                                  int64_t num_receivers)
 {
   const int64_t *s = sender.data_ptr<int64_t>();
   for (int64_t e = 0; e < sender.numel(); ++e)
     TORCH_CHECK(s[e] >= 0 && s[e] < num_nodes, "umlipft::scalar_conv: sender index ", s[e], " out of range for ",
                 num_nodes, " nodes");
-  return group_by_key(receiver.data_ptr<int64_t>(), receiver.numel(), num_nodes, "umlipft::scalar_conv: receiver index",
-                      "nodes");
+  return group_by_key(receiver.data_ptr<int64_t>(), receiver.numel(), num_receivers,
+                      "umlipft::scalar_conv: receiver index", "receiving nodes");
 }
 
 // First derivatives only: MD differentiates the energy once; training on forces would
@@ -207,11 +210,11 @@ ConvLayout make_layout(const KeyGroups &ranges, const Tensor &sender, const Path
 
 struct Inputs {
   Tensor x, w, y, sender, receiver;
-  int64_t num_nodes, num_edges, C, S;
+  int64_t num_nodes, num_receivers, num_edges, C, S;
 };
 
 Inputs check_inputs(const Tensor &node_feats, const Tensor &weights, const Tensor &sh, const Tensor &sender,
-                    const Tensor &receiver)
+                    const Tensor &receiver, int64_t num_receivers)
 {
   TORCH_CHECK(node_feats.device().is_cpu(),
               "umlipft::scalar_conv is a CPU kernel; on GPUs the exported model uses its pure "
@@ -237,6 +240,10 @@ Inputs check_inputs(const Tensor &node_feats, const Tensor &weights, const Tenso
   in.sender = sender.contiguous();
   in.receiver = receiver.contiguous();
   in.num_nodes = in.x.size(0);
+  TORCH_CHECK(num_receivers <= in.num_nodes,
+              "umlipft::scalar_conv: num_receivers ", num_receivers, " is more than the ", in.num_nodes,
+              " nodes (receivers are the first num_receivers nodes; -1 for all)");
+  in.num_receivers = num_receivers < 0 ? in.num_nodes : num_receivers;
   in.C = in.x.size(1);
   in.num_edges = in.sender.numel();
   in.S = in.y.size(1);
@@ -255,24 +262,27 @@ class ScalarConv : public torch::autograd::Function<ScalarConv> {
   static Tensor forward(torch::autograd::AutogradContext *ctx, const Tensor &node_feats, const Tensor &weights,
                         const Tensor &sh, const Tensor &sender, const Tensor &receiver,
                         std::vector<int64_t> path_sh_start, std::vector<int64_t> path_sh_dim,
-                        std::vector<int64_t> path_weight_block)
+                        std::vector<int64_t> path_weight_block, int64_t num_receivers)
   {
-    Inputs in = check_inputs(node_feats, weights, sh, sender, receiver);
+    Inputs in = check_inputs(node_feats, weights, sh, sender, receiver, num_receivers);
     const Paths paths = check_paths(path_sh_start, path_sh_dim, path_weight_block, in.S, in.w.size(1) / in.C);
     int64_t out_rows = 0;
     for (auto d : path_sh_dim) out_rows += d;
-    Tensor out = torch::empty({in.num_nodes, in.C * out_rows}, in.x.options());
-    const auto ranges = group_edges_by_receiver(in.receiver, in.sender, in.num_nodes);
+    // Only receiving nodes get a row: across MPI ranks the ghosts (nodes past num_receivers)
+    // only send, and rows of zeros for them would cost as much memory traffic as real ones.
+    Tensor out = torch::empty({in.num_receivers, in.C * out_rows}, in.x.options());
+    const auto ranges = group_edges_by_receiver(in.receiver, in.sender, in.num_nodes, in.num_receivers);
     const ConvLayout layout = make_layout(ranges, in.sender, paths, in.C, in.S);
     AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "umlipft_scalar_conv", [&] {
       const ConvForwardArgs<scalar_t> args{in.x.data_ptr<scalar_t>(), in.w.data_ptr<scalar_t>(),
                                            in.y.data_ptr<scalar_t>(), out.data_ptr<scalar_t>()};
-      run_on_threads(kernels_of<scalar_t>(active_isa()).conv_forward, layout, args, in.num_nodes, in.S * in.C);
+      run_on_threads(kernels_of<scalar_t>(active_isa()).conv_forward, layout, args, in.num_receivers, in.S * in.C);
     });
     ctx->save_for_backward({in.x, in.w, in.y, in.sender, in.receiver});
     ctx->saved_data["sh_start"] = path_sh_start;
     ctx->saved_data["sh_dim"] = path_sh_dim;
     ctx->saved_data["weight_block"] = path_weight_block;
+    ctx->saved_data["num_receivers"] = in.num_receivers;
     return out;
   }
 
@@ -286,11 +296,12 @@ class ScalarConv : public torch::autograd::Function<ScalarConv> {
     const auto sh_dim = ctx->saved_data["sh_dim"].toIntVector();
     const auto weight_block = ctx->saved_data["weight_block"].toIntVector();
     const int64_t num_nodes = x.size(0), C = x.size(1), S = y.size(1), num_edges = sender.numel();
+    const int64_t num_receivers = ctx->saved_data["num_receivers"].toInt();
     const Paths paths = check_paths(sh_start, sh_dim, weight_block, S, w.size(1) / C);
     const Tensor grad_out = grad_outputs[0].contiguous();
-    TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == num_nodes && grad_out.size(1) == C * S &&
+    TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == num_receivers && grad_out.size(1) == C * S &&
                     grad_out.scalar_type() == x.scalar_type() && grad_out.device().is_cpu(),
-                "umlipft::scalar_conv: the output gradient must be [", num_nodes, ", ", C * S, "] ",
+                "umlipft::scalar_conv: the output gradient must be [", num_receivers, ", ", C * S, "] ",
                 x.scalar_type(), " on the CPU like the output, got ", grad_out.sizes(), " ",
                 grad_out.scalar_type());
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
@@ -298,7 +309,7 @@ class ScalarConv : public torch::autograd::Function<ScalarConv> {
     Tensor grad_w = need_w ? torch::empty_like(w) : Tensor();
     Tensor grad_y = need_y ? torch::zeros_like(y) : Tensor();    // rows of no path stay zero
     Tensor grad_x_edge = need_x ? torch::empty({num_edges, C}, x.options()) : Tensor();
-    const auto ranges = group_edges_by_receiver(receiver, sender, num_nodes);
+    const auto ranges = group_edges_by_receiver(receiver, sender, num_nodes, num_receivers);
     const ConvLayout layout = make_layout(ranges, sender, paths, C, S);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "umlipft_scalar_conv_backward", [&] {
       const ConvBackwardArgs<scalar_t> args{x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
@@ -306,20 +317,20 @@ class ScalarConv : public torch::autograd::Function<ScalarConv> {
                                             need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
                                             need_x ? grad_x_edge.data_ptr<scalar_t>() : nullptr,
                                             need_y ? grad_y.data_ptr<scalar_t>() : nullptr};
-      run_on_threads(kernels_of<scalar_t>(active_isa()).conv_backward, layout, args, num_nodes, S * C);
+      run_on_threads(kernels_of<scalar_t>(active_isa()).conv_backward, layout, args, num_receivers, S * C);
     });
     Tensor grad_x;
     if (need_x) grad_x = torch::zeros_like(x).index_add_(0, sender, grad_x_edge);
-    return {grad_x, grad_w, grad_y, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_x, grad_w, grad_y, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor scalar_conv(const Tensor &node_feats, const Tensor &weights, const Tensor &sh, const Tensor &sender,
                    const Tensor &receiver, c10::IntArrayRef path_sh_start, c10::IntArrayRef path_sh_dim,
-                   c10::IntArrayRef path_weight_block)
+                   c10::IntArrayRef path_weight_block, int64_t num_receivers)
 {
   return ScalarConv::apply(node_feats, weights, sh, sender, receiver, path_sh_start.vec(), path_sh_dim.vec(),
-                           path_weight_block.vec());
+                           path_weight_block.vec(), num_receivers);
 }
 
 // ---------------------------------------------------------------------------- product basis
@@ -531,7 +542,7 @@ TORCH_LIBRARY(umlipft, m)
   m.def("linear(Tensor input, Tensor weight, Tensor weight_t) -> Tensor");
   m.def("symmetric_contraction(Tensor x, Tensor species, Tensor packed, int[] spec) -> Tensor");
   m.def("scalar_conv(Tensor node_feats, Tensor weights, Tensor sh, Tensor sender, Tensor receiver, "
-        "int[] path_sh_start, int[] path_sh_dim, int[] path_weight_block) -> Tensor");
+        "int[] path_sh_start, int[] path_sh_dim, int[] path_weight_block, int num_receivers=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(umlipft, CompositeImplicitAutograd, m)

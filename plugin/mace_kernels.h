@@ -21,7 +21,7 @@ constexpr int64_t MAX_SH_ROWS = 64;
 
 // Edges grouped by receiver (CSR) and the tensor-product paths of one scalar convolution.
 struct ConvLayout {
-  const int64_t *offsets;         // [num_nodes + 1]: edges of receiver i are k in offsets[i]..offsets[i+1]
+  const int64_t *offsets;         // [receivers + 1]: edges of receiver i are k in offsets[i]..offsets[i+1]
   const int64_t *order;           // edge of slot k, or nullptr when edges are already grouped
   const int64_t *sender;          // [E]
   int64_t C, S, P;                // channels, spherical-harmonic rows, paths

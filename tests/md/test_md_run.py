@@ -124,20 +124,46 @@ def test_killed_run_resumes_to_the_same_trajectory(tmp_path, crystal_file, expor
         np.testing.assert_allclose(a.get_velocities(), b.get_velocities(), atol=1e-8)
 
 
-@pytest.mark.mpi
-@pytest.mark.slow
-def test_two_replicas_under_mpiexec(tmp_path, crystal_file, exported_small_fp64):
+def mpiexec_replicas(ranks: int, out: Path, crystal_file: Path, model: Path) -> Path:
     from umlipft.lammps import lammps_environment
 
     mpiexec = Path(sys.executable).parent / "mpiexec"
-    command = [str(mpiexec), "-n", "2", sys.executable, "-m", "umlipft.cli", "md", "--replicas", "2",
-               "--model", str(exported_small_fp64), "--ensemble", "nvt", "--steps", "10",
-               "--thermo-every", "5", "--dump-every", "5", "-o", str(tmp_path / "ens"), str(crystal_file)]
+    command = [str(mpiexec), "-n", str(ranks), sys.executable, "-m", "umlipft.cli", "md", "--replicas", "2",
+               "--model", str(model), "--ensemble", "nvt", "--steps", "10",
+               "--thermo-every", "5", "--dump-every", "5", "-o", str(out), str(crystal_file)]
     done = subprocess.run(command, capture_output=True, text=True, env=lammps_environment(), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    first = read_frames(tmp_path / "ens" / "replica-000" / "trajectory.extxyz")
-    second = read_frames(tmp_path / "ens" / "replica-001" / "trajectory.extxyz")
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank_per_replica(tmp_path_factory, crystal_file, exported_small_fp64) -> Path:
+    return mpiexec_replicas(2, tmp_path_factory.mktemp("ens1") / "ens", crystal_file, exported_small_fp64)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_two_replicas_under_mpiexec(one_rank_per_replica):
+    first = read_frames(one_rank_per_replica / "replica-000" / "trajectory.extxyz")
+    second = read_frames(one_rank_per_replica / "replica-001" / "trajectory.extxyz")
     assert len(first) == len(second) == 3
     # different seeds: same start, different velocities, so the trajectories part ways
     np.testing.assert_allclose(first[0].positions, second[0].positions, atol=1e-8)
     assert np.abs(first[-1].positions - second[-1].positions).max() > 1e-4
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_two_ranks_per_replica_follow_one_rank_per_replica(tmp_path, one_rank_per_replica, crystal_file,
+                                                           exported_small_fp64):
+    """mpiexec -n 4 --replicas 2: each replica on 2 ranks exchanging halos, the same
+    trajectories as one rank per replica."""
+    two = mpiexec_replicas(4, tmp_path / "ens", crystal_file, exported_small_fp64)
+    for replica in ("replica-000", "replica-001"):
+        log = "".join(path.read_text() for path in (two / replica).glob("log.lammps.*"))
+        assert "owned + ghost graph on 2 MPI rank(s), layer by layer with halo exchange" in log
+        split = read_frames(two / replica / "trajectory.extxyz")
+        whole = read_frames(one_rank_per_replica / replica / "trajectory.extxyz")
+        assert len(split) == len(whole) == 3
+        for a, b in zip(split, whole):
+            assert same_positions_under_pbc(a, b, tol=1e-6)

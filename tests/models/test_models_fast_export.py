@@ -112,6 +112,75 @@ def test_restricted_and_fused_model_equals_full_model(small_model_path):
     assert e_dev < 1e-10 and g_dev < 1e-10
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "pure"])
+def test_owned_rows_interactions_equal_mace_torch_on_the_owned_rows(kernels):
+    """The interactions fuse_interactions puts in, given an MPI rank's graph (owned nodes, then
+    ghosts that only send), give mace-torch's rows for the owned nodes, values and gradients,
+    for both RealAgnostic blocks (first layer plain, second residual, as MACE-MP-0)."""
+    from e3nn import o3
+    from mace import modules
+
+    from umlipft.models.fast import OwnedRowsInteraction, OwnedRowsResidualInteraction, fuse_interactions
+    from umlipft.models.kernels import load_kernels
+
+    if kernels and not load_kernels():
+        pytest.skip("libumlipft_kernels.so is not built")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = modules.ScaleShiftMACE(
+            r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=2,
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
+            num_interactions=2, num_elements=3, hidden_irreps=o3.Irreps("16x0e"), MLP_irreps=o3.Irreps("8x0e"),
+            atomic_energies=np.zeros(3), avg_num_neighbors=6.0, atomic_numbers=[1, 8, 17], correlation=2,
+            gate=torch.nn.functional.silu, atomic_inter_scale=1.0, atomic_inter_shift=0.0, radial_MLP=[8, 8])
+    finally:
+        torch.set_default_dtype(previous)
+    fused = copy.deepcopy(model)
+    assert fuse_interactions(fused, kernels=kernels) == 2
+    assert [type(i) for i in fused.interactions] == [OwnedRowsInteraction, OwnedRowsResidualInteraction]
+    gen = torch.Generator().manual_seed(1)
+    owned, ghosts, edges = 5, 9, 40
+    nodes = owned + ghosts
+    edge_index = torch.stack([torch.randint(0, nodes, (edges,), generator=gen),
+                              torch.randint(0, owned, (edges,), generator=gen)])
+    node_attrs = torch.nn.functional.one_hot(torch.randint(0, 3, (nodes,), generator=gen), 3).double()
+    lengths = 1.0 + 3.5 * torch.rand(edges, 1, generator=gen, dtype=torch.float64)
+    vectors = torch.nn.functional.normalize(torch.randn(edges, 3, generator=gen, dtype=torch.float64)) * lengths
+    edge_attrs = model.spherical_harmonics(vectors)
+    edge_feats, cutoff = model.radial_embedding(lengths, node_attrs, edge_index, model.atomic_numbers)
+    for layer, (reference, candidate) in enumerate(zip(model.interactions, fused.interactions)):
+        width = reference.linear_up.irreps_in.dim
+        feats = torch.randn(nodes, width, generator=gen, dtype=torch.float64)
+        ref_in, new_in = feats.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+        ref_message, ref_sc = reference(node_attrs=node_attrs, node_feats=ref_in, edge_attrs=edge_attrs,
+                                        edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff)
+        scripted = torch.jit.script(candidate)
+        message, sc = scripted(node_attrs=node_attrs, node_feats=new_in, edge_attrs=edge_attrs,
+                               edge_feats=edge_feats, edge_index=edge_index, cutoff=cutoff,
+                               lammps_class=torch.tensor([0]), lammps_natoms=(owned, ghosts))
+        assert message.shape[0] == owned
+        torch.testing.assert_close(message, ref_message[:owned], rtol=0, atol=1e-12)
+        if layer == 0:
+            assert sc is None and ref_sc is None
+        else:
+            assert sc.shape[0] == owned
+            torch.testing.assert_close(sc, ref_sc[:owned], rtol=0, atol=1e-12)
+        grad = torch.randn(message.shape, generator=gen, dtype=torch.float64)
+        outputs = [message] + ([sc] if sc is not None else [])
+        ref_outputs = [ref_message[:owned]] + ([ref_sc[:owned]] if ref_sc is not None else [])
+        (have,) = torch.autograd.grad(outputs, [new_in], [grad] + ([torch.ones_like(sc)] if sc is not None else []))
+        (want,) = torch.autograd.grad(ref_outputs, [ref_in],
+                                      [grad] + ([torch.ones_like(ref_sc[:owned])] if ref_sc is not None else []))
+        torch.testing.assert_close(have, want, rtol=0, atol=1e-12)
+        # One rank (no lammps_class): every node is owned, mace-torch's forward unchanged.
+        whole, _ = scripted(node_attrs=node_attrs, node_feats=feats, edge_attrs=edge_attrs, edge_feats=edge_feats,
+                            edge_index=edge_index, cutoff=cutoff)
+        torch.testing.assert_close(whole, ref_message.detach(), rtol=0, atol=1e-12)
+
+
 def test_fused_symmetric_contraction_equals_mace_for_l1_output():
     """A product block with 0e+1o outputs (as in MACE-MP-0 medium's first layer)."""
     from e3nn import o3

@@ -75,6 +75,31 @@ def test_kernel_equals_e3nn_and_scatter_values_and_gradients(channels, lmax, sor
         torch.testing.assert_close(a, b, rtol=0, atol=KERNEL_FP64_REL * float(b.abs().max()), msg=name)
 
 
+@pytest.mark.parametrize("conv_class", ["KernelScalarConv", "FusedScalarConv"])
+def test_owned_receivers_get_the_rows_and_gradients_of_the_full_convolution(conv_class):
+    """num_receivers (an MPI rank's owned atoms; the ghosts after them only send): the rows and
+    every gradient of the full convolution, nothing computed for the others."""
+    from umlipft.models import fast
+
+    tp = scalar_tp(12, 2)
+    conv = torch.jit.script(getattr(fast, conv_class)(tp))
+    nodes, owned = 10, 4
+    x, y, w, edge_index = random_graph(tp, nodes=nodes, edges=50, seed=8, sorted_receivers=False)
+    edge_index[1] = edge_index[1] % owned
+    full_inputs = [t.clone().requires_grad_(True) for t in (x, y, w)]
+    full = conv(full_inputs[0], full_inputs[1], full_inputs[2], edge_index)
+    assert torch.count_nonzero(full[owned:]) == 0
+    inputs = [t.clone().requires_grad_(True) for t in (x, y, w)]
+    got = conv(inputs[0], inputs[1], inputs[2], edge_index, owned)
+    assert got.shape == (owned, full.shape[1])
+    torch.testing.assert_close(got, full[:owned], rtol=0, atol=KERNEL_FP64_REL * float(full.detach().abs().max()))
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want = torch.autograd.grad(full[:owned], full_inputs, grad_out)
+    have = torch.autograd.grad(got, inputs, grad_out)
+    for name, a, b in zip(("node_feats", "sh", "weights"), have, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=KERNEL_FP64_REL * float(b.abs().max()), msg=name)
+
+
 def test_kernel_first_derivatives_by_finite_differences():
     tp = scalar_tp(5, 1)
     from umlipft.models.fast import KernelScalarConv
@@ -128,8 +153,12 @@ def test_bad_edge_index_names_the_problem():
     x = torch.randn(3, 4, dtype=torch.float64)
     w = torch.randn(2, 8, dtype=torch.float64)
     y = torch.randn(2, 4, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="receiver index 7 out of range for 3 nodes"):
+    with pytest.raises(RuntimeError, match="receiver index 7 out of range for 3 receiving nodes"):
         torch.ops.umlipft.scalar_conv(x, w, y, torch.tensor([0, 1]), torch.tensor([1, 7]), [0, 1], [1, 3], [0, 1])
+    with pytest.raises(RuntimeError, match="receiver index 1 out of range for 1 receiving nodes"):
+        torch.ops.umlipft.scalar_conv(x, w, y, torch.tensor([0, 2]), torch.tensor([0, 1]), [0, 1], [1, 3], [0, 1], 1)
+    with pytest.raises(RuntimeError, match="num_receivers 4 is more than the 3 nodes"):
+        torch.ops.umlipft.scalar_conv(x, w, y, torch.tensor([0, 1]), torch.tensor([1, 2]), [0, 1], [1, 3], [0, 1], 4)
     with pytest.raises(RuntimeError, match="weights hold 2 blocks of channels for 1 paths"):
         torch.ops.umlipft.scalar_conv(x, w, y, torch.tensor([0, 1]), torch.tensor([1, 2]), [0], [1], [0])
 

@@ -17,7 +17,9 @@ time (:func:`max_deviation`):
    edges out per receiving atom and sums over neighbours with one batched matrix product;
    :class:`KernelScalarConv` calls the compiled ``umlipft::scalar_conv`` op on CPU. Neither
    materialises the edges x channels x (lmax+1)^2 message mace-torch builds. It plugs into
-   mace-torch's ``conv_fusion`` hook, so the interaction block code itself is unchanged.
+   mace-torch's ``conv_fusion`` hook. mace-torch's two RealAgnostic interaction blocks become
+   subclasses (:class:`OwnedRowsResidualInteraction`) that, across MPI ranks, compute the skip
+   connection and the message for the owned atoms only, not for the ghosts that only send.
 
 3. :func:`fuse_products` contracts the symmetric product with per-element tensors folded at
    export (:class:`FusedSymmetricContraction`, or the compiled op through
@@ -33,10 +35,11 @@ for MD (forces, virials), not for training.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from e3nn.util.jit import compile_mode
+from mace.modules.blocks import RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock
 
 from ..errors import InputError
 
@@ -99,7 +102,9 @@ class FusedScalarConv(torch.nn.Module):
     """conv_tp + scatter_sum of an interaction with scalar node features, as batched matmuls.
 
     Called through mace-torch's conv-fusion hook as ``(node_feats, edge_attrs, tp_weights,
-    edge_index) -> message [nodes, irreps_out.dim]``. Every path of the tensor product is
+    edge_index) -> message [nodes, irreps_out.dim]``; with ``num_receivers`` (the interactions
+    of :func:`fuse_interactions` pass it) only the first ``num_receivers`` nodes receive and
+    get a row. Every path of the tensor product is
     ``out[c, m] = alpha_p * w[e, p, c] * x[sender, c] * Y[e, m]`` (m in the block of path p's
     spherical harmonic); ``alpha_p`` and the output layout are read off the e3nn module.
     """
@@ -127,14 +132,14 @@ class FusedScalarConv(torch.nn.Module):
             raise ValueError("two paths share a spherical-harmonic block")
 
     def forward(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
-                edge_index: torch.Tensor) -> torch.Tensor:
-        return self.batched_matmul_conv(node_feats, edge_attrs, tp_weights, edge_index)
+                edge_index: torch.Tensor, num_receivers: int = -1) -> torch.Tensor:
+        return self.batched_matmul_conv(node_feats, edge_attrs, tp_weights, edge_index, num_receivers)
 
     def batched_matmul_conv(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
-                            edge_index: torch.Tensor) -> torch.Tensor:
+                            edge_index: torch.Tensor, num_receivers: int = -1) -> torch.Tensor:
         sender = edge_index[0]
         receiver = edge_index[1]
-        num_nodes = node_feats.shape[0]
+        num_receiving = node_feats.shape[0] if num_receivers < 0 else num_receivers
         num_edges = sender.shape[0]
         C = self.channels
         P = self.num_paths
@@ -142,7 +147,7 @@ class FusedScalarConv(torch.nn.Module):
         h = tp_weights.view(num_edges, P, C) * node_feats.index_select(0, sender).unsqueeze(1)
         y = edge_attrs * self.sh_scale.to(edge_attrs.dtype)
         # Edges of each receiver in consecutive slots 0..count-1 of a [nodes, K] grid.
-        counts = torch.bincount(receiver, minlength=num_nodes)
+        counts = torch.bincount(receiver, minlength=num_receiving)
         K = int(counts.max().item()) if num_edges > 0 else 0
         order = torch.argsort(receiver, stable=True)
         recv_sorted = receiver.index_select(0, order)
@@ -151,21 +156,21 @@ class FusedScalarConv(torch.nn.Module):
         # Grid position of every edge in its original order (no permutation of edge tensors).
         flat = torch.empty_like(order).index_copy_(0, order, recv_sorted * K + slot)
         # In place into fresh zeros: no extra copy of the padded tensors.
-        hp = torch.zeros(num_nodes * K, P * C, dtype=h.dtype, device=h.device).index_copy_(
-            0, flat, h.reshape(num_edges, P * C)).view(num_nodes, K, P * C)
-        yp = torch.zeros(num_nodes * K, self.sh_dim, dtype=y.dtype, device=y.device).index_copy_(
-            0, flat, y).view(num_nodes, K, self.sh_dim)
+        hp = torch.zeros(num_receiving * K, P * C, dtype=h.dtype, device=h.device).index_copy_(
+            0, flat, h.reshape(num_edges, P * C)).view(num_receiving, K, P * C)
+        yp = torch.zeros(num_receiving * K, self.sh_dim, dtype=y.dtype, device=y.device).index_copy_(
+            0, flat, y).view(num_receiving, K, self.sh_dim)
         # Per path: [nodes, d, K] @ [nodes, K, C] on strided views. unbind (not slicing) keeps
         # the backward to one stacked gradient instead of one zero-filled copy per path.
         yt = yp.transpose(1, 2)
-        h_paths = torch.unbind(hp.view(num_nodes, K, P, C), dim=2)
+        h_paths = torch.unbind(hp.view(num_receiving, K, P, C), dim=2)
         blocks: List[torch.Tensor] = []
         for k in range(P):
             s = self.path_sh_start[k]
             d = self.path_sh_dim[k]
             b = self.path_weight_block[k]
             block = torch.bmm(yt[:, s:s + d, :], h_paths[b])                   # [nodes, d, C]
-            blocks.append(block.transpose(1, 2).reshape(num_nodes, C * d))
+            blocks.append(block.transpose(1, 2).reshape(num_receiving, C * d))
         return torch.cat(blocks, dim=1)
 
 
@@ -180,13 +185,79 @@ class KernelScalarConv(FusedScalarConv):
     """
 
     def forward(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
-                edge_index: torch.Tensor) -> torch.Tensor:
+                edge_index: torch.Tensor, num_receivers: int = -1) -> torch.Tensor:
         if node_feats.device.type != "cpu":
-            return self.batched_matmul_conv(node_feats, edge_attrs, tp_weights, edge_index)
+            return self.batched_matmul_conv(node_feats, edge_attrs, tp_weights, edge_index, num_receivers)
         y = edge_attrs * self.sh_scale.to(edge_attrs.dtype)
         edges = edge_index.to(torch.long)
         return torch.ops.umlipft.scalar_conv(node_feats, tp_weights, y, edges[0], edges[1],
-                                             self.path_sh_start, self.path_sh_dim, self.path_weight_block)
+                                             self.path_sh_start, self.path_sh_dim, self.path_weight_block,
+                                             num_receivers)
+
+
+# ----------------------------------------------------------------------------- interactions
+# mace-torch's interaction blocks, with the work of the rows that only send cut. Across MPI
+# ranks (pair_style mace's layer-by-layer mode) a rank's graph holds its owned atoms first and
+# then ghosts, about 1-3 ghosts per owned atom; the ghosts only send. mace-torch computes the
+# skip connection and the convolution's output for every node and truncates afterwards
+# (truncate_ghosts), which on two ranks costs several percent of a step. These subclasses give
+# the same numbers on the owned rows and never compute the others. The owned count is
+# mace-torch's own LAMMPS argument (lammps_natoms[0], read when lammps_class is given); on one
+# rank every node is owned and the arithmetic is the parent's. handle_lammps is left out: it is
+# a no-op when scripted, and pair_style mace makes the exchange itself.
+
+@compile_mode("script")
+class OwnedRowsInteraction(RealAgnosticInteractionBlock):
+    def forward(
+        self,
+        node_attrs: torch.Tensor,
+        node_feats: torch.Tensor,
+        edge_attrs: torch.Tensor,
+        edge_feats: torch.Tensor,
+        edge_index: torch.Tensor,
+        cutoff: Optional[torch.Tensor] = None,
+        lammps_natoms: Tuple[int, int] = (0, 0),
+        lammps_class: Optional[Any] = None,
+        first_layer: bool = False,
+    ) -> Tuple[torch.Tensor, None]:
+        owned = lammps_natoms[0] if lammps_class is not None else node_feats.shape[0]
+        node_feats = self.linear_up(node_feats)
+        tp_weights = self.conv_tp_weights(edge_feats)
+        if cutoff is not None:
+            tp_weights = tp_weights * cutoff
+        message = self.conv_tp(node_feats, edge_attrs, tp_weights, edge_index, owned)
+        message = self.linear(message) / self.avg_num_neighbors
+        message = self.skip_tp(message, node_attrs[:owned])
+        return self.reshape(message), None
+
+
+@compile_mode("script")
+class OwnedRowsResidualInteraction(RealAgnosticResidualInteractionBlock):
+    def forward(
+        self,
+        node_attrs: torch.Tensor,
+        node_feats: torch.Tensor,
+        edge_attrs: torch.Tensor,
+        edge_feats: torch.Tensor,
+        edge_index: torch.Tensor,
+        cutoff: Optional[torch.Tensor] = None,
+        lammps_class: Optional[Any] = None,
+        lammps_natoms: Tuple[int, int] = (0, 0),
+        first_layer: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        owned = lammps_natoms[0] if lammps_class is not None else node_feats.shape[0]
+        sc = self.skip_tp(node_feats[:owned], node_attrs[:owned])
+        node_feats = self.linear_up(node_feats)
+        tp_weights = self.conv_tp_weights(edge_feats)
+        if cutoff is not None:
+            tp_weights = tp_weights * cutoff
+        message = self.conv_tp(node_feats, edge_attrs, tp_weights, edge_index, owned)
+        message = self.linear(message) / self.avg_num_neighbors
+        return self.reshape(message), sc
+
+
+OWNED_ROWS_CLASSES = {RealAgnosticInteractionBlock: OwnedRowsInteraction,
+                      RealAgnosticResidualInteractionBlock: OwnedRowsResidualInteraction}
 
 
 def scalar_conv_spec(conv_tp: torch.nn.Module) -> Dict | None:
@@ -552,7 +623,8 @@ def _same_contraction(original: torch.nn.Module, fast: torch.nn.Module) -> bool:
 
 def fuse_interactions(model: torch.nn.Module, kernels: bool = False) -> int:
     """Swap the convolution of every eligible interaction for FusedScalarConv (KernelScalarConv
-    with ``kernels``, which needs :func:`load_kernels`); in place."""
+    with ``kernels``, which needs :func:`load_kernels`), and the interaction itself for its
+    owned-rows subclass where there is one (:data:`OWNED_ROWS_CLASSES`); in place."""
     conv_class = KernelScalarConv if kernels else FusedScalarConv
     fused = 0
     for interaction in getattr(model, "interactions", []):
@@ -568,6 +640,9 @@ def fuse_interactions(model: torch.nn.Module, kernels: bool = False) -> int:
         finally:
             torch.set_default_dtype(previous)
         interaction.conv_fusion = "umlipft"
+        owned_rows_class = OWNED_ROWS_CLASSES.get(type(interaction))
+        if owned_rows_class is not None:
+            interaction.__class__ = owned_rows_class
         fused += 1
     return fused
 
