@@ -136,8 +136,8 @@ def test_cli_isolated_atoms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.skipif(not HAVE_CP2K, reason="CP2K is not installed (scripts/install-system-packages.sh)")
 def test_cp2k_isolated_h_and_o(tmp_path: Path) -> None:
     # a small box and low cutoffs keep this short; spin, neutrality and reuse do not depend on them
-    settings = IsolatedAtomsConfig(calculator="cp2k", box_A=8.0, threads_per_frame=2,
-                                   cp2k=Cp2kConfig(cutoff_Ry=250.0, rel_cutoff_Ry=40.0, charge=1))
+    settings = IsolatedAtomsConfig(calculator="cp2k", box_A=6.0, threads_per_frame=2,
+                                   cp2k=Cp2kConfig(cutoff_Ry=200.0, rel_cutoff_Ry=40.0, charge=1))
     report = label_isolated_atoms(settings, ["O", "H"], tmp_path / "iso")
     assert report.multiplicities == {"H": 2, "O": 3}
     inp = {el: (run / "label" / "frame_000000" / "cp2k.inp").read_text() for el, run in report.run_dirs.items()}
