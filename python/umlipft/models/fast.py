@@ -206,53 +206,39 @@ class KernelScalarConv(FusedScalarConv):
 # rank every node is owned and the arithmetic is the parent's. handle_lammps is left out: it is
 # a no-op when scripted, and pair_style mace makes the exchange itself.
 
-@compile_mode("script")
-class OwnedRowsInteraction(RealAgnosticInteractionBlock):
-    def forward(
-        self,
-        node_attrs: torch.Tensor,
-        node_feats: torch.Tensor,
-        edge_attrs: torch.Tensor,
-        edge_feats: torch.Tensor,
-        edge_index: torch.Tensor,
-        cutoff: Optional[torch.Tensor] = None,
-        lammps_natoms: Tuple[int, int] = (0, 0),
-        lammps_class: Optional[Any] = None,
-        first_layer: bool = False,
-    ) -> Tuple[torch.Tensor, None]:
-        owned = lammps_natoms[0] if lammps_class is not None else node_feats.shape[0]
+class OwnedRowsMessage:
+    """The message of the owned rows, shared by both blocks (their forward signatures differ)."""
+
+    def owned_message(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, edge_feats: torch.Tensor,
+                      edge_index: torch.Tensor, cutoff: Optional[torch.Tensor], owned: int) -> torch.Tensor:
         node_feats = self.linear_up(node_feats)
         tp_weights = self.conv_tp_weights(edge_feats)
         if cutoff is not None:
             tp_weights = tp_weights * cutoff
         message = self.conv_tp(node_feats, edge_attrs, tp_weights, edge_index, owned)
-        message = self.linear(message) / self.avg_num_neighbors
-        message = self.skip_tp(message, node_attrs[:owned])
-        return self.reshape(message), None
+        return self.linear(message) / self.avg_num_neighbors
 
 
 @compile_mode("script")
-class OwnedRowsResidualInteraction(RealAgnosticResidualInteractionBlock):
-    def forward(
-        self,
-        node_attrs: torch.Tensor,
-        node_feats: torch.Tensor,
-        edge_attrs: torch.Tensor,
-        edge_feats: torch.Tensor,
-        edge_index: torch.Tensor,
-        cutoff: Optional[torch.Tensor] = None,
-        lammps_class: Optional[Any] = None,
-        lammps_natoms: Tuple[int, int] = (0, 0),
-        first_layer: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+class OwnedRowsInteraction(OwnedRowsMessage, RealAgnosticInteractionBlock):
+    def forward(self, node_attrs: torch.Tensor, node_feats: torch.Tensor, edge_attrs: torch.Tensor,
+                edge_feats: torch.Tensor, edge_index: torch.Tensor, cutoff: Optional[torch.Tensor] = None,
+                lammps_natoms: Tuple[int, int] = (0, 0), lammps_class: Optional[Any] = None,
+                first_layer: bool = False) -> Tuple[torch.Tensor, None]:
+        owned = lammps_natoms[0] if lammps_class is not None else node_feats.shape[0]
+        message = self.owned_message(node_feats, edge_attrs, edge_feats, edge_index, cutoff, owned)
+        return self.reshape(self.skip_tp(message, node_attrs[:owned])), None
+
+
+@compile_mode("script")
+class OwnedRowsResidualInteraction(OwnedRowsMessage, RealAgnosticResidualInteractionBlock):
+    def forward(self, node_attrs: torch.Tensor, node_feats: torch.Tensor, edge_attrs: torch.Tensor,
+                edge_feats: torch.Tensor, edge_index: torch.Tensor, cutoff: Optional[torch.Tensor] = None,
+                lammps_class: Optional[Any] = None, lammps_natoms: Tuple[int, int] = (0, 0),
+                first_layer: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         owned = lammps_natoms[0] if lammps_class is not None else node_feats.shape[0]
         sc = self.skip_tp(node_feats[:owned], node_attrs[:owned])
-        node_feats = self.linear_up(node_feats)
-        tp_weights = self.conv_tp_weights(edge_feats)
-        if cutoff is not None:
-            tp_weights = tp_weights * cutoff
-        message = self.conv_tp(node_feats, edge_attrs, tp_weights, edge_index, owned)
-        message = self.linear(message) / self.avg_num_neighbors
+        message = self.owned_message(node_feats, edge_attrs, edge_feats, edge_index, cutoff, owned)
         return self.reshape(message), sc
 
 
