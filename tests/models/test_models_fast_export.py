@@ -112,11 +112,13 @@ def test_restricted_and_fused_model_equals_full_model(small_model_path):
     assert e_dev < 1e-10 and g_dev < 1e-10
 
 
-@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "pure"])
-def test_owned_rows_interactions_equal_mace_torch_on_the_owned_rows(kernels):
+@pytest.mark.parametrize("kernels,hidden", [(True, "16x0e"), (False, "16x0e"), (True, "8x0e+8x1o")],
+                         ids=["kernel", "pure", "vector-features"])
+def test_owned_rows_interactions_equal_mace_torch_on_the_owned_rows(kernels, hidden):
     """The interactions fuse_interactions puts in, given an MPI rank's graph (owned nodes, then
     ghosts that only send), give mace-torch's rows for the owned nodes, values and gradients,
-    for both RealAgnostic blocks (first layer plain, second residual, as MACE-MP-0)."""
+    for both RealAgnostic blocks (first layer plain, second residual, as MACE-MP-0), with the
+    fused convolution and with e3nn's (vector features entering the second layer)."""
     from e3nn import o3
     from mace import modules
 
@@ -133,13 +135,13 @@ def test_owned_rows_interactions_equal_mace_torch_on_the_owned_rows(kernels):
             r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=2,
             interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
             interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
-            num_interactions=2, num_elements=3, hidden_irreps=o3.Irreps("16x0e"), MLP_irreps=o3.Irreps("8x0e"),
+            num_interactions=2, num_elements=3, hidden_irreps=o3.Irreps(hidden), MLP_irreps=o3.Irreps("8x0e"),
             atomic_energies=np.zeros(3), avg_num_neighbors=6.0, atomic_numbers=[1, 8, 17], correlation=2,
             gate=torch.nn.functional.silu, atomic_inter_scale=1.0, atomic_inter_shift=0.0, radial_MLP=[8, 8])
     finally:
         torch.set_default_dtype(previous)
     fused = copy.deepcopy(model)
-    assert fuse_interactions(fused, kernels=kernels) == 2
+    assert fuse_interactions(fused, kernels=kernels) == (2 if hidden == "16x0e" else 1)
     assert [type(i) for i in fused.interactions] == [OwnedRowsInteraction, OwnedRowsResidualInteraction]
     gen = torch.Generator().manual_seed(1)
     owned, ghosts, edges = 5, 9, 40

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from e3nn.util.jit import compile_mode
 from mace.modules.blocks import RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock
+from mace.tools.scatter import scatter_sum
 
 from ..errors import InputError
 
@@ -215,7 +216,11 @@ class OwnedRowsMessage:
         tp_weights = self.conv_tp_weights(edge_feats)
         if cutoff is not None:
             tp_weights = tp_weights * cutoff
-        message = self.conv_tp(node_feats, edge_attrs, tp_weights, edge_index, owned)
+        if hasattr(self, "conv_fusion"):  # resolved when scripted: only one branch is compiled
+            message = self.conv_tp(node_feats, edge_attrs, tp_weights, edge_index, owned)
+        else:
+            edge_messages = self.conv_tp(node_feats[edge_index[0]], edge_attrs, tp_weights)
+            message = scatter_sum(src=edge_messages, index=edge_index[1], dim=0, dim_size=owned)
         return self.linear(message) / self.avg_num_neighbors
 
 
@@ -615,21 +620,21 @@ def fuse_interactions(model: torch.nn.Module, kernels: bool = False) -> int:
     fused = 0
     for interaction in getattr(model, "interactions", []):
         if hasattr(interaction, "conv_fusion"):
-            continue
-        if not hasattr(interaction, "conv_tp") or scalar_conv_spec(interaction.conv_tp) is None:
-            continue
-        dtype = next(interaction.parameters()).dtype
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            interaction.conv_tp = conv_class(interaction.conv_tp)
-        finally:
-            torch.set_default_dtype(previous)
-        interaction.conv_fusion = "umlipft"
+            continue  # another library's fused convolution (cuequivariance, openequivariance)
+        if hasattr(interaction, "conv_tp") and scalar_conv_spec(interaction.conv_tp) is not None:
+            dtype = next(interaction.parameters()).dtype
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                interaction.conv_tp = conv_class(interaction.conv_tp)
+            finally:
+                torch.set_default_dtype(previous)
+            interaction.conv_fusion = "umlipft"
+            fused += 1
+        # e3nn's convolution too (vector features): its scatter then only makes the owned rows.
         owned_rows_class = OWNED_ROWS_CLASSES.get(type(interaction))
         if owned_rows_class is not None:
             interaction.__class__ = owned_rows_class
-        fused += 1
     return fused
 
 
