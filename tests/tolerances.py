@@ -11,6 +11,9 @@ PLUGIN_MPI_EV = 1e-8
 PLUGIN_HALO_EV = 1e-8
 PLUGIN_HALO_POSITION_A = 1e-6  # first 50 MD steps
 PLUGIN_HALO_DRIFT_EV_PER_ATOM = 1e-6  # |drift(N ranks) - drift(1 rank)| over 200 steps
+# The same in float32: ~1e-7 relative rounding of sums in another order; |E| of the 170-atom
+# frame is ~1e3 eV, atom energies ~5 eV, forces and per-atom virials ~1-10 eV(/A).
+PLUGIN_HALO_FP32 = {"energy": 1e-3, "virial": 1e-3, "forces": 1e-4, "atom_energy": 1e-4, "atom_virial": 1e-4}
 # float32 export against mace-torch float32: same arithmetic precision, different reduction order.
 PLUGIN_FP32_FORCE_EV_A = 1e-4
 # Evaluation against the reference figures for MACE-MP-0 small, fp64, on the 9 aqueous

@@ -214,6 +214,9 @@ def _acquire(target: Path, directory: Path, command: str, file: bool, shared: bo
         held = _held.get(key)
         if held is not None:  # this process holds it already (a driver inside the workflow)
             held.count += 1
+            # A thread that made the directory can lose the race for the lock to one that found
+            # it made: the holder must still remove it at the end.
+            held.created = sorted(set(held.created) | set(created), key=lambda d: len(d.parts), reverse=True)
             return key
         try:
             fd = _lock_fd(lock_path, directory, command, shared, created)
@@ -322,21 +325,27 @@ def _alive(pid: Any) -> bool:
 
 
 def _make_directories(directory: Path) -> list[Path]:
-    """Create ``directory`` and its missing parents; return those created, deepest first."""
-    missing: list[Path] = []
+    """Create ``directory`` and its missing parents; return those this call created, deepest first.
+
+    Each level is made with its own mkdir, so "created" means this call made it: a thread that
+    saw the directory, lost it to a finishing holder's cleanup and then recreated it must know
+    it did, or the directory outlives the run."""
+    chain: list[Path] = []
     probe = directory
-    while not probe.exists() and probe != probe.parent:
-        missing.append(probe)
+    while not probe.is_dir() and probe != probe.parent:
+        chain.append(probe)
         probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise InputError(f"cannot create the output directory {directory}: {probe} is a file, not a "
-                         "directory; choose another output location")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as err:
-        raise InputError(f"cannot create the output directory {directory}: {err.filename} is a file, "
-                         "not a directory; choose another output location") from err
-    except OSError as err:
-        raise InputError(f"cannot create the output directory {directory}: {err.strerror}; choose an "
-                         "output location you can write to") from err
-    return missing
+    created: list[Path] = []
+    for level in reversed(chain):
+        try:
+            os.mkdir(level)
+        except FileExistsError as err:
+            if level.is_dir():
+                continue
+            raise InputError(f"cannot create the output directory {directory}: {level} is a file, not a "
+                             "directory; choose another output location") from err
+        except OSError as err:
+            raise InputError(f"cannot create the output directory {directory}: {err.strerror}; choose an "
+                             "output location you can write to") from err
+        created.append(level)
+    return created[::-1]

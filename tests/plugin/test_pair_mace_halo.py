@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tolerances import PLUGIN_HALO_DRIFT_EV_PER_ATOM, PLUGIN_HALO_EV, PLUGIN_HALO_POSITION_A
+from tolerances import PLUGIN_HALO_DRIFT_EV_PER_ATOM, PLUGIN_HALO_EV, PLUGIN_HALO_FP32, PLUGIN_HALO_POSITION_A
 
 from umlipft.lammps import lammps_environment, lmp_executable, write_lammps_data
 
@@ -182,6 +182,17 @@ def test_plain_export_matches_across_ranks_too(cases, exported_fp64) -> None:
     want = run_cases(workdir, subset, exported_fp64, 1)
     got = run_cases(workdir, subset, exported_fp64, 2)
     assert_same(got["cases"], want["cases"], "plain export, 2 ranks")
+
+
+def test_float32_optimised_export_on_two_ranks_equals_one_rank(cases, exported_fast_fp32) -> None:
+    workdir, built = cases
+    subset = {name: built[name] for name in ("orthogonal", "triclinic", "small_box")}
+    want = run_cases(workdir, subset, exported_fast_fp32, 1)["cases"]
+    got = run_cases(workdir, subset, exported_fast_fp32, 2)["cases"]
+    for name, expected in want.items():
+        for key, tolerance in PLUGIN_HALO_FP32.items():
+            deviation = float(np.abs(np.asarray(got[name][key]) - np.asarray(expected[key])).max())
+            assert deviation < tolerance, f"float32, 2 ranks: {name} {key} differs by {deviation:.3g}"
 
 
 def test_newton_off_is_refused_on_several_ranks(cases, exported_fast_fp64) -> None:
