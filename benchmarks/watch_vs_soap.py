@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from sample_structures import hcl_at  # noqa: E402  (the tests' HCl probe: one definition of it)
 DATA = ROOT.parent / "shared" / "data" / "aqueous-licl-cocl2"
 MODEL = ROOT.parent / "shared" / "models" / "mace-mp-0-small.model"
 FIT = ["training_sets/Finetuning__Naive__Finetuned_Models__44pts__44pt_dataset.xyz",
@@ -291,13 +293,7 @@ def outside_frames(path: Path) -> tuple[list, list[str]]:
     for k, base in enumerate(read_frames(path, index=":2")):
         squeezed = base.copy()
         squeezed.set_cell(squeezed.cell * 0.85, scale_atoms=True)
-        moved = base.copy()
-        symbols = np.asarray(moved.get_chemical_symbols())
-        cl = int(np.flatnonzero(symbols == "Cl")[0])
-        hydrogens = np.flatnonzero(symbols == "H")
-        h = int(hydrogens[np.argmin(moved.get_distances(cl, hydrogens, mic=True))])
-        v = moved.get_distance(cl, h, mic=True, vector=True)
-        moved.positions[h] = moved.positions[cl] + v / np.linalg.norm(v) * 1.3
+        moved, h, cl = hcl_at(base, 1.3)
         out += [squeezed, moved]
         labels += [f"{path.name}[{k}] compressed to 0.85", f"{path.name}[{k}] H{h} at 1.3 A of Cl{cl}"]
     return out, labels

@@ -301,6 +301,20 @@ def tally_path(default_dir: Path) -> Path:
     return Path(os.environ.get("UMLIPFT_FAULT_INJECTION_JSON") or default_dir / "fault_injection.json")
 
 
+def finish_tally(tally: Tally, trials: list[Attempt], path: Path, details: Callable[[Attempt], dict] = lambda t: {},
+                 *, progress_key: str = "progress", ended_early: str = "") -> list[Attempt]:
+    """Count a chain's kills, orphans and time into ``tally``, list its kill moments (plus the
+    stage's ``details`` of each), record it in ``path``; returns the attempts that were killed."""
+    killed = [t for t in trials if t.killed]
+    tally.trials, tally.chain_s = len(killed), sum(t.seconds for t in trials)
+    tally.orphans = sum(len(t.orphans) for t in killed)
+    tally.moments = [{"reference_s": round(t.moment.reference_s, 3), progress_key: t.progress_at_kill,
+                      "attempt_s": round(t.seconds, 3), **details(t)} for t in killed]
+    tally.notes.append(f"{len(trials) - len(killed)} attempt(s) ended before their moment{ended_early}")
+    record(path, tally)
+    return killed
+
+
 def record(path: Path, tally: Tally) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[tally.kind] = dataclasses.asdict(tally)

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from kill_trials import Tally, record, run_chain, run_reference
+from kill_trials import Tally, finish_tally, run_chain, run_reference
 from reliability_helpers import assert_message, run_umlipft, umlipft_command, umlipft_env
 
 from tolerances import FINETUNE_KILL_PREDICTION_EV, FINETUNE_RESTART_WEIGHT_ABS
@@ -197,14 +197,8 @@ def test_finetune_survives_kill_9_at_random_moments(data, reference, fault_tally
     trials = run_chain(lambda out: umlipft_command(*_args(data, out)), ref, TRIALS, SEED,
                        lambda k: tmp_path / f"chain-{k}", _progress, _journal, close, tmp_path / "console.log",
                        env=umlipft_env(), timeout_s=900)
-    killed = [t for t in trials if t.killed]
-    tally.trials, tally.chain_s = len(killed), sum(t.seconds for t in trials)
-    tally.orphans = sum(len(t.orphans) for t in killed)
-    tally.moments = [{"reference_s": round(t.moment.reference_s, 3), "progress": t.progress_at_kill,
-                      "attempt_s": round(t.seconds, 3), **t.snapshot} for t in killed]
-    tally.notes.append(f"{len(trials) - len(killed)} attempt(s) ended before their moment (chain closed, "
-                       "that part tried again in a new directory)")
-    record(fault_tally_file, tally)
+    killed = finish_tally(tally, trials, fault_tally_file, lambda t: t.snapshot,
+                          ended_early=" (chain closed, that part tried again in a new directory)")
 
     assert tally.trials == TRIALS, [(t.moment, t.returncode) for t in trials]
     assert not tally.orphans, [t.orphans for t in killed]

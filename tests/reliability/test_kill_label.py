@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kill_trials import Tally, record, run_chain, run_reference
+from kill_trials import Tally, finish_tally, run_chain, run_reference
 from reliability_helpers import run_umlipft, umlipft_command, umlipft_env, write_water_frames
 
 from tolerances import LABEL_RESUME_ENERGY_EV, LABEL_RESUME_FORCE_EV_A
@@ -126,13 +126,7 @@ def test_label_survives_kill_9_at_random_moments(frames: Path, reference, fault_
     trials = run_chain(lambda run: umlipft_command(*_args(frames, run)), ref, TRIALS, SEED, directory,
                        lambda run: (lambda: _done(run)), _frames_state, close, tmp_path / "console.log",
                        env=umlipft_env(), timeout_s=600)
-    killed = [t for t in trials if t.killed]
-    tally.trials, tally.chain_s = len(killed), sum(t.seconds for t in trials)
-    tally.orphans = sum(len(t.orphans) for t in killed)
-    tally.moments = [{"reference_s": round(t.moment.reference_s, 3), "frames_done": t.progress_at_kill,
-                      "attempt_s": round(t.seconds, 3)} for t in killed]
-    tally.notes.append(f"{len(trials) - len(killed)} attempt(s) ended before their moment")
-    record(fault_tally_file, tally)
+    killed = finish_tally(tally, trials, fault_tally_file, progress_key="frames_done")
 
     assert tally.trials == TRIALS
     assert not tally.orphans, [t.orphans for t in killed]

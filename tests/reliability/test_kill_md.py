@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kill_trials import Tally, record, run_chain, run_reference
+from kill_trials import Tally, finish_tally, run_chain, run_reference
 from reliability_helpers import umlipft_command, umlipft_env
 
 from tolerances import MD_RESUME_POSITION_A, MD_RESUME_THERMO_REL
@@ -152,13 +152,7 @@ def test_md_survives_kill_9_at_random_moments(inputs, fault_tally_file: Path, tm
     trials = run_chain(lambda run: umlipft_command(*_args(structure, model, run)), ref, TRIALS, SEED,
                        lambda k: tmp_path / f"chain-{k}", lambda run: (lambda: _progress(run)), _state, close,
                        tmp_path / "chain.log", env=umlipft_env(), timeout_s=900)
-    killed = [t for t in trials if t.killed]
-    tally.trials, tally.chain_s = len(killed), sum(t.seconds for t in trials)
-    tally.orphans = sum(len(t.orphans) for t in killed)
-    tally.moments = [{"reference_s": round(t.moment.reference_s, 3), "progress": t.progress_at_kill,
-                      "attempt_s": round(t.seconds, 3), **t.snapshot} for t in killed]
-    tally.notes.append(f"{len(trials) - len(killed)} attempt(s) ended before their moment")
-    record(fault_tally_file, tally)
+    killed = finish_tally(tally, trials, fault_tally_file, lambda t: t.snapshot)
 
     assert tally.trials == TRIALS
     assert not tally.orphans, [t.orphans for t in killed]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kill_trials import Tally, record, run_chain, run_reference
+from kill_trials import Tally, finish_tally, run_chain, run_reference
 from reliability_helpers import assert_message, run_umlipft, umlipft_command, umlipft_env
 
 from tolerances import (FINETUNE_KILL_PREDICTION_EV, LABEL_RESUME_ENERGY_EV, LABEL_RESUME_FORCE_EV_A,
@@ -213,14 +213,8 @@ def test_workflow_survives_kill_9_at_random_moments(config: Path, reference, fau
     trials = run_chain(lambda root: umlipft_command(*_args(config, root)), ref, TRIALS, SEED,
                        lambda k: tmp_path / f"chain-{k}", lambda root: (lambda: _progress(root)), _snapshot, close,
                        tmp_path / "console.log", env=umlipft_env(), timeout_s=1200)
-    killed = [t for t in trials if t.killed]
-    tally.trials, tally.chain_s = len(killed), sum(t.seconds for t in trials)
-    tally.orphans = sum(len(t.orphans) for t in killed)
-    tally.moments = [{"reference_s": round(t.moment.reference_s, 3), "progress": t.progress_at_kill,
-                      "attempt_s": round(t.seconds, 3),
-                      "running": [n for n, (s, _) in t.snapshot["stages"].items() if s != "done"]} for t in killed]
-    tally.notes.append(f"{len(trials) - len(killed)} attempt(s) ended before their moment")
-    record(fault_tally_file, tally)
+    killed = finish_tally(tally, trials, fault_tally_file,
+                          lambda t: {"running": [n for n, (s, _) in t.snapshot["stages"].items() if s != "done"]})
 
     assert tally.trials == TRIALS
     assert not tally.orphans, [t.orphans for t in killed]
